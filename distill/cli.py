@@ -1,0 +1,112 @@
+"""`distill` command line: one recipe drives every stage.
+
+    distill run recipes/demo.yaml                 # every configured stage, skipping finished ones
+    distill generate recipes/x.yaml --shard 3/8   # one stage (here: one of 8 parallel teacher jobs)
+    distill status recipes/x.yaml                 # done / stale / missing per stage
+    distill recipe show recipes/x.yaml --set student.sft.learning_rate=1e-5
+
+Bad input ends with one message naming the file, key or record, and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from distill import __version__
+from distill.errors import DistillError
+
+log = logging.getLogger("distill")
+STAGE_HELP = {
+    "generate": "teacher: chain-of-thought traces for the recipe's problems (vLLM or an OpenAI-compatible endpoint)",
+    "filter": "verify, clean, deduplicate and decontaminate the traces",
+    "train": "fine-tune the student on the kept traces (TRL SFT, LoRA or full)",
+    "eval": "score a model: pass@1 over k samples, pass@k, maj@k",
+    "push": "push the dataset and the student to the Hugging Face Hub with lineage cards",
+}
+
+
+def _shard(text: str) -> tuple[int, int]:
+    index, sep, total = text.partition("/")
+    if not (sep and index.isdigit() and total.isdigit() and 0 <= int(index) < int(total)):
+        raise argparse.ArgumentTypeError(f"expected i/N with 0 <= i < N, e.g. 3/8; got {text!r}")
+    return int(index), int(total)
+
+
+def _recipe_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", type=Path, help="recipe YAML, e.g. recipes/demo.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe value, e.g. --set student.sft.learning_rate=1e-5 (repeatable)")
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where run directories live (runs/)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (also off when not a TTY)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (per-record detail)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distill", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"distill {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text in STAGE_HELP.items():
+        stage = sub.add_parser(name, help=help_text, description=help_text)
+        _recipe_args(stage)
+        stage.add_argument("--force", action="store_true", help="re-run even if the manifest matches")
+        if name == "generate":
+            stage.add_argument("--shard", type=_shard, default=(0, 1), metavar="i/N",
+                               help="run only shard i of N (deterministic split of problem ids)")
+        if name == "eval":
+            stage.add_argument("--model", help="evaluate this model instead of the train stage's output")
+        if name == "push":
+            stage.add_argument("--dry-run", action="store_true", help="stage the repo folders, send nothing")
+    run = sub.add_parser("run", help="run every configured stage in order, skipping finished ones")
+    _recipe_args(run)
+    run.add_argument("--force", action="append", default=[], choices=list(STAGE_HELP), metavar="STAGE",
+                     help="re-run this stage even if its manifest matches (repeatable)")
+    run.add_argument("--dry-run", action="store_true", help="push stage: stage the repo folders, send nothing")
+    _recipe_args(sub.add_parser("status", help="table of stages: done / stale / missing, counts, when"))
+    recipe = sub.add_parser("recipe", help="show, check or document recipes")
+    recipe_sub = recipe.add_subparsers(dest="recipe_command", required=True, metavar="ACTION")
+    _recipe_args(recipe_sub.add_parser("show", help="print the fully resolved recipe"))
+    check = recipe_sub.add_parser("check", help="validate recipes (every error at once)")
+    check.add_argument("recipes", nargs="+", type=Path)
+    recipe_sub.add_parser("reference", help="print the recipe reference (Markdown) generated from the schema")
+    tiny = sub.add_parser("tiny-model", help="write a small random-init causal LM with a locally trained tokenizer")
+    tiny.add_argument("out", type=Path)
+    tiny.add_argument("--arch", choices=["qwen2", "llama"], default="qwen2")
+    tiny.add_argument("--hidden-size", type=int, default=64)
+    tiny.add_argument("--layers", type=int, default=2)
+    tiny.add_argument("--heads", type=int, default=2, help="attention heads; head_dim = hidden/heads must be >= 32")
+    tiny.add_argument("--vocab-size", type=int, default=512)
+    tiny.add_argument("--corpus", type=Path, help="text file to train the tokenizer on (default: built-in math text)")
+    tiny.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+    )
+    try:
+        return _dispatch(args)
+    except DistillError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from distill import commands
+
+    handler = {
+        "run": commands.run, "status": commands.status, "recipe": commands.recipe, "tiny-model": commands.tiny_model,
+    }.get(args.command, commands.stage)
+    return handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

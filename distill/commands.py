@@ -1,0 +1,93 @@
+"""What each CLI command does, kept apart from argument parsing so both read top to bottom."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from distill import pipeline
+from distill.recipe import dump_recipe, load_recipe
+from distill.schema import Recipe
+
+log = logging.getLogger("distill")
+
+
+def _options(args: argparse.Namespace) -> pipeline.StageOptions:
+    return pipeline.StageOptions(
+        shard=getattr(args, "shard", (0, 1)),
+        model=getattr(args, "model", None),
+        dry_run=getattr(args, "dry_run", False),
+        progress=not args.no_progress and sys.stderr.isatty(),
+    )
+
+
+def _load(args: argparse.Namespace) -> Recipe:
+    recipe = load_recipe(args.recipe, overrides=args.overrides)
+    log.info("recipe %s (%s)", recipe.name, args.recipe)
+    return recipe
+
+
+def stage(args: argparse.Namespace) -> int:
+    recipe = _load(args)
+    manifest = pipeline.run_stage(
+        recipe, args.command, runs_dir=args.runs_dir, options=_options(args), force=args.force
+    )
+    if manifest is not None:
+        log.info("%s: %s", args.command, _summary(manifest.counts))
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    recipe = _load(args)
+    for manifest in pipeline.run_all(
+        recipe, runs_dir=args.runs_dir, options=_options(args), force=frozenset(args.force)
+    ):
+        log.info("%-8s %s (%.1fs)", manifest.stage, _summary(manifest.counts), manifest.wall_s)
+    return 0
+
+
+def status(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe, overrides=args.overrides)
+    table = Table(title=f"runs/{recipe.name}")
+    for column in ("stage", "state", "in", "out", "finished"):
+        table.add_column(column)
+    for row in pipeline.status(recipe, runs_dir=args.runs_dir):
+        table.add_row(*(str(row[c]) for c in ("stage", "state", "in", "out", "finished")))
+    Console(width=119).print(table)
+    return 0
+
+
+def recipe(args: argparse.Namespace) -> int:
+    if args.recipe_command == "show":
+        print(dump_recipe(load_recipe(args.recipe, overrides=args.overrides)), end="")
+    elif args.recipe_command == "check":
+        for path in args.recipes:
+            load_recipe(path)
+            print(f"{path}: ok")
+    else:
+        from distill.reference import recipe_reference
+
+        print(recipe_reference(), end="")
+    return 0
+
+
+def tiny_model(args: argparse.Namespace) -> int:
+    from distill.tinymodel import build_tiny_model
+
+    corpus = args.corpus.read_text(encoding="utf-8").splitlines() if args.corpus else None
+    build_tiny_model(
+        args.out, arch=args.arch, hidden_size=args.hidden_size, layers=args.layers, heads=args.heads,
+        vocab_size=args.vocab_size, corpus=corpus, seed=args.seed,
+    )
+    print(args.out)
+    return 0
+
+
+def _summary(counts: dict) -> str:
+    dropped = counts.get("dropped") or {}
+    text = f"in {counts.get('in', '?')} → out {counts.get('out', '?')}"
+    return text + (f", dropped {dropped}" if dropped else "")

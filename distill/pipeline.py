@@ -1,0 +1,227 @@
+"""The stage runner: which stage reads what, when a stage is done, stale or missing, and the crash-safe swap.
+
+Each stage is a module with one public function
+
+    run(recipe: Recipe, *, ctx: StageContext) -> StageReport
+
+that writes its outputs under `ctx.work_dir`. The runner owns everything else: it picks the work directory (named
+by the stage fingerprint, so a changed recipe never mixes with an older partial run and nothing is overwritten),
+writes `manifest.json` last, and swaps the finished work directory into `runs/<name>/<stage>/`. A kill at any
+moment leaves the previous finished output in place; a rerun resumes in the same work directory (the teacher
+continues from its durable shards there).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from distill import files
+from distill.errors import DistillError, StageNotBuilt
+from distill.manifest import Manifest, canonical_hash, read_manifest, write_manifest
+from distill.recipe import section
+from distill.schema import Recipe
+
+log = logging.getLogger(__name__)
+WORK = ".work"
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    module: str  # imported only when the stage runs, so the CLI starts without vLLM/torch/TRL
+    sections: tuple[str, ...]  # dotted recipe paths the stage reads: their hash decides staleness
+    upstream: tuple[str, ...]  # stages whose outputs it reads
+    needs: str  # recipe section that must be present for the stage to be configured
+    issue: int  # where its implementation is tracked, for "not built yet"
+
+
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in (
+        Stage("generate", "teacher.generate", ("data", "teacher"), (), "teacher", 3),
+        Stage("filter", "distill.filter", ("filter", "student.model"), ("generate",), "filter", 4),
+        Stage("train", "student.train", ("student",), ("filter",), "student", 5),
+        Stage("eval", "distill.evaluate", ("eval", "student.model"), ("train",), "eval", 6),
+        Stage("push", "distill.hub", ("hub",), ("filter", "train", "eval"), "hub", 6),
+    )
+}
+
+
+@dataclass(frozen=True)
+class StageOptions:
+    """Command-line options of single-stage commands. Those that change the output are part of the fingerprint."""
+
+    shard: tuple[int, int] = (0, 1)  # generate: this job's shard i of N (work split, not part of the fingerprint)
+    model: str | None = None  # eval: evaluate this model instead of the train output
+    dry_run: bool = False  # push: stage the repo folders without network
+    progress: bool = True  # progress bars (off for --no-progress and non-TTY runs)
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"model": self.model, "dry_run": self.dry_run}
+
+
+@dataclass
+class StageContext:
+    run_dir: Path  # runs/<name>
+    work_dir: Path  # where the stage writes; swapped into run_dir/<stage> on success
+    inputs: dict[str, Path]  # finished upstream stage directories by stage name
+    options: StageOptions
+
+
+@dataclass
+class StageReport:
+    """What a stage returns. `counts` is {"in": n, "out": n, "dropped": {reason: n}}; `complete=False` means
+    this call did its share (e.g. one shard of N) and the stage is not finished yet."""
+
+    counts: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+    complete: bool = True
+
+
+def stage_module(stage: Stage) -> ModuleType:
+    try:
+        return importlib.import_module(stage.module)
+    except ModuleNotFoundError as exc:
+        if exc.name and stage.module.startswith(exc.name):
+            raise StageNotBuilt(f"stage {stage.name!r} is not built yet (tracked in issue #{stage.issue})") from None
+        raise
+
+
+def configured(recipe: Recipe, stage: Stage) -> bool:
+    return getattr(recipe, stage.needs) is not None
+
+
+def section_hash(recipe: Recipe, stage: Stage, options: StageOptions) -> str:
+    return canonical_hash({"sections": {s: section(recipe, s) for s in stage.sections}, **options.fingerprint()})
+
+
+def input_hash(recipe: Recipe, stage: Stage, run_dir: Path) -> tuple[str, dict[str, Path]]:
+    """Hash of the finished upstream outputs this stage reads, and their directories. Unconfigured upstream stages
+    are skipped; a configured one that has not finished is an error that says which command to run."""
+    hashes, inputs = {}, {}
+    for name in stage.upstream:
+        upstream = STAGES[name]
+        if not configured(recipe, upstream):
+            continue
+        manifest = read_manifest(run_dir / name)
+        if manifest is None:
+            raise DistillError(f"stage {stage.name} needs the output of {name}: run `distill {name}` first")
+        hashes[name] = manifest.output_hash
+        inputs[name] = run_dir / name
+    if not stage.upstream:
+        module = stage_module(stage)
+        hashes["problems"] = module.input_hash(recipe)
+    return canonical_hash(hashes), inputs
+
+
+def _state(recipe: Recipe, stage: Stage, run_dir: Path, manifest: Manifest | None) -> str:
+    if not configured(recipe, stage):
+        return "not configured"
+    if manifest is None:
+        work = run_dir / WORK
+        return "partial" if work.is_dir() and any(work.glob(f"{stage.name}-*")) else "missing"
+    if manifest.section_hash != section_hash(recipe, stage, StageOptions()):
+        return "stale"
+    try:
+        current_input, _ = input_hash(recipe, stage, run_dir)
+    except DistillError:
+        return "stale"
+    return "done" if current_input == manifest.input_hash else "stale"
+
+
+def status(recipe: Recipe, *, runs_dir: Path) -> list[dict[str, Any]]:
+    """One row per stage: done / stale / missing / partial / not configured, with counts and finish time."""
+    run_dir = runs_dir / recipe.name
+    rows = []
+    for stage in STAGES.values():
+        manifest = read_manifest(run_dir / stage.name)
+        rows.append({
+            "stage": stage.name,
+            "state": _state(recipe, stage, run_dir, manifest),
+            "in": manifest.counts.get("in", "") if manifest else "",
+            "out": manifest.counts.get("out", "") if manifest else "",
+            "finished": manifest.finished_at if manifest else "",
+        })
+    return rows
+
+
+def run_stage(recipe: Recipe, name: str, *, runs_dir: Path, options: StageOptions, force: bool = False) -> Manifest | None:
+    """Run one stage unless its manifest already matches (same sections, same input). Returns the manifest, or
+    None when this call finished only its share of a sharded stage."""
+    stage = STAGES[name]
+    if not configured(recipe, stage):
+        raise DistillError(f"stage {name} needs a `{stage.needs}` section in the recipe")
+    run_dir = runs_dir / recipe.name
+    out_dir = run_dir / name
+    sections = section_hash(recipe, stage, options)
+    inputs_hash, inputs = input_hash(recipe, stage, run_dir)
+    previous = read_manifest(out_dir)
+    if previous and not force and (previous.section_hash, previous.input_hash) == (sections, inputs_hash):
+        log.info("%s: cached (manifest matches: section %s, input %s)", name, sections[:12], inputs_hash[:12])
+        return previous
+    if previous:
+        changed = [w for w, a, b in (("recipe section", previous.section_hash, sections),
+                                     ("input", previous.input_hash, inputs_hash)) if a != b]
+        log.info("%s: re-running (%s)", name, "forced" if force else f"{' and '.join(changed)} changed")
+    work_dir = run_dir / WORK / f"{name}-{canonical_hash([sections, inputs_hash])[:12]}"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    if force and not options.shard[1] > 1:
+        _clear(work_dir)
+    module = stage_module(stage)
+    started, t0 = _now(), time.monotonic()
+    report: StageReport = module.run(recipe, ctx=StageContext(run_dir, work_dir, inputs, options))
+    if not report.complete:
+        log.info("%s: this share is done; the stage finishes when every share is", name)
+        return None
+    manifest = Manifest(
+        stage=name, recipe=recipe.name, section_hash=sections, input_hash=inputs_hash,
+        output_hash=files.sha256_tree(work_dir), counts=report.counts, started_at=started,
+        finished_at=_now(), wall_s=round(time.monotonic() - t0, 3), extra=report.extra,
+    )
+    write_manifest(work_dir, manifest)
+    _swap_in(work_dir, out_dir)
+    return manifest
+
+
+def _swap_in(work_dir: Path, out_dir: Path) -> None:
+    """Replace out_dir by work_dir with two renames; the old output is deleted only after the new one is in place."""
+    old = None
+    if out_dir.exists():
+        old = work_dir.with_name(f"{out_dir.name}-replaced-{os.getpid()}")
+        os.replace(out_dir, old)
+    os.replace(work_dir, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _clear(work_dir: Path) -> None:
+    for child in work_dir.iterdir():
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def run_all(recipe: Recipe, *, runs_dir: Path, options: StageOptions, force: frozenset[str] = frozenset()) -> list[
+        Manifest]:
+    """Run every configured stage in order, skipping those whose manifests match. A stage whose upstream output
+    changed re-runs, and so does everything after it (their input hashes change in turn)."""
+    manifests = []
+    for stage in STAGES.values():
+        if not configured(recipe, stage):
+            log.info("%s: not configured in the recipe, skipped", stage.name)
+            continue
+        manifest = run_stage(recipe, stage.name, runs_dir=runs_dir, options=options, force=stage.name in force)
+        if manifest is not None:
+            manifests.append(manifest)
+    return manifests

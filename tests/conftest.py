@@ -1,0 +1,56 @@
+"""Shared fixtures: a tiny local model (built once per session), the shared real data, vLLM-on-CPU settings.
+
+Everything runs offline on CPU with the real libraries; nothing here mocks vLLM, TRL, PEFT, math-verify or datasets.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# vLLM on a 2-core CPU (see ../shared/FACTS.md): in-process engine, one OpenMP thread, explicit KV cache size.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+# `teacher.engine` / `eval.engine` settings that make a tiny model servable by vLLM on CPU, fast.
+TINY_ENGINE = {
+    "enforce_eager": True,
+    "dtype": "float32",
+    "kv_cache_memory_bytes": 256 * 2**20,
+    "max_model_len": 1024,
+    "seed": 0,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-init Qwen2 (hidden 64, 2 layers, head_dim 32) with a digit-level tokenizer and chat template."""
+    from distill.tinymodel import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen2")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"shared data not found at {SHARED_DATA}: tests expect the repo beside shared/")
+    return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep caches out of the home directory; the pass-through field cache is shared by the whole session."""
+    cache = tmp_path_factory.getbasetemp() / "cache"
+    monkeypatch.setenv("DISTILL_CACHE", str(cache / "distill"))
+    monkeypatch.setenv("VLLM_CACHE_ROOT", str(cache / "vllm"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache / "datasets"))
