@@ -37,8 +37,14 @@ def _shard(text: str) -> tuple[int, int]:
 
 def _recipe_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", type=Path, help="recipe YAML, e.g. recipes/demo.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe value, e.g. --set student.sft.learning_rate=1e-5 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value, e.g. --set student.sft.learning_rate=1e-5 (repeatable)",
+    )
     parser.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where run directories live (runs/)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (also off when not a TTY)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (per-record detail)")
@@ -53,16 +59,27 @@ def build_parser() -> argparse.ArgumentParser:
         _recipe_args(stage)
         stage.add_argument("--force", action="store_true", help="re-run even if the manifest matches")
         if name == "generate":
-            stage.add_argument("--shard", type=_shard, default=(0, 1), metavar="i/N",
-                               help="run only shard i of N (deterministic split of problem ids)")
+            stage.add_argument(
+                "--shard",
+                type=_shard,
+                default=(0, 1),
+                metavar="i/N",
+                help="run only shard i of N (deterministic split of problem ids)",
+            )
         if name == "eval":
             stage.add_argument("--model", help="evaluate this model instead of the train stage's output")
         if name == "push":
             stage.add_argument("--dry-run", action="store_true", help="stage the repo folders, send nothing")
     run = sub.add_parser("run", help="run every configured stage in order, skipping finished ones")
     _recipe_args(run)
-    run.add_argument("--force", action="append", default=[], choices=list(STAGE_HELP), metavar="STAGE",
-                     help="re-run this stage even if its manifest matches (repeatable)")
+    run.add_argument(
+        "--force",
+        action="append",
+        default=[],
+        choices=list(STAGE_HELP),
+        metavar="STAGE",
+        help="re-run this stage even if its manifest matches (repeatable)",
+    )
     run.add_argument("--dry-run", action="store_true", help="push stage: stage the repo folders, send nothing")
     _recipe_args(sub.add_parser("status", help="table of stages: done / stale / missing, counts, when"))
     recipe = sub.add_parser("recipe", help="show, check or document recipes")
@@ -70,7 +87,21 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_args(recipe_sub.add_parser("show", help="print the fully resolved recipe"))
     check = recipe_sub.add_parser("check", help="validate recipes (every error at once)")
     check.add_argument("recipes", nargs="+", type=Path)
-    recipe_sub.add_parser("reference", help="print the recipe reference (Markdown) generated from the schema")
+    reference = recipe_sub.add_parser("reference", help="print the recipe reference (Markdown) from the schema")
+    reference.add_argument("--readme", type=Path, help="rewrite the reference section of this README instead")
+    verify = sub.add_parser("verify", help="verify any trace file; writes every row back with a verdict")
+    verify.add_argument("input", type=Path, help="JSONL file of traces")
+    verify.add_argument("--answer-field", required=True, help="field holding the reference answer")
+    verify.add_argument("--response-field", required=True, help="field holding the model's full response")
+    verify.add_argument("--kind", choices=["math", "choice", "code"], default="math")
+    verify.add_argument("--output", type=Path, required=True, help="JSONL to write (atomically)")
+    verify.add_argument("--timeout", type=float, default=5.0, help="seconds per answer check")
+    verify.add_argument("--workers", type=int, default=None, help="processes (default: every core)")
+    verify.add_argument("--no-progress", action="store_true")
+    merge = sub.add_parser("merge", help="fold a LoRA adapter into its base model (safetensors)")
+    merge.add_argument("adapter", type=Path, help="folder with adapter_config.json")
+    merge.add_argument("out", type=Path, help="folder for the merged model")
+    merge.add_argument("--base", help="base model (default: the adapter's base_model_name_or_path)")
     tiny = sub.add_parser("tiny-model", help="write a small random-init causal LM with a locally trained tokenizer")
     tiny.add_argument("out", type=Path)
     tiny.add_argument("--arch", choices=["qwen2", "llama"], default="qwen2")
@@ -87,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
     )
     try:
         return _dispatch(args)
@@ -103,7 +135,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     from distill import commands
 
     handler = {
-        "run": commands.run, "status": commands.status, "recipe": commands.recipe, "tiny-model": commands.tiny_model,
+        "run": commands.run,
+        "status": commands.status,
+        "recipe": commands.recipe,
+        "tiny-model": commands.tiny_model,
+        "verify": commands.verify,
+        "merge": commands.merge,
     }.get(args.command, commands.stage)
     return handler(args)
 

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from distill import pipeline
+from distill.errors import StageNotBuilt
 from distill.recipe import dump_recipe, load_recipe
 from distill.schema import Recipe
 
@@ -68,6 +69,10 @@ def recipe(args: argparse.Namespace) -> int:
         for path in args.recipes:
             load_recipe(path)
             print(f"{path}: ok")
+    elif args.readme:
+        from distill.reference import update_readme
+
+        update_readme(args.readme)
     else:
         from distill.reference import recipe_reference
 
@@ -80,11 +85,40 @@ def tiny_model(args: argparse.Namespace) -> int:
 
     corpus = args.corpus.read_text(encoding="utf-8").splitlines() if args.corpus else None
     build_tiny_model(
-        args.out, arch=args.arch, hidden_size=args.hidden_size, layers=args.layers, heads=args.heads,
-        vocab_size=args.vocab_size, corpus=corpus, seed=args.seed,
+        args.out,
+        arch=args.arch,
+        hidden_size=args.hidden_size,
+        layers=args.layers,
+        heads=args.heads,
+        vocab_size=args.vocab_size,
+        corpus=corpus,
+        seed=args.seed,
     )
     print(args.out)
     return 0
+
+
+def verify(args: argparse.Namespace) -> int:
+    """Standalone verifier (issue #4): implemented in distill.filter.standalone."""
+    standalone = _optional("distill.filter.standalone", "verify", issue=4)
+    return standalone.main(args)
+
+
+def merge(args: argparse.Namespace) -> int:
+    """Fold a LoRA adapter into its base (issue #5): implemented in student.merge."""
+    student_merge = _optional("student.merge", "merge", issue=5)
+    return student_merge.main(args)
+
+
+def _optional(module: str, command: str, *, issue: int):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name and module.startswith(exc.name):
+            raise StageNotBuilt(f"`distill {command}` is not built yet (tracked in issue #{issue})") from None
+        raise
 
 
 def _summary(counts: dict) -> str:

@@ -55,7 +55,9 @@ class DatasetSpec(Section):
     answer_extract: Literal["as_is", "last_boxed", "regex"] = Field(
         "as_is", description="How to get the answer from its column: as is, its last \\boxed{}, or `answer_regex`."
     )
-    answer_regex: str | None = Field(None, description="Regex whose first group is the answer (`answer_extract: regex`).")
+    answer_regex: str | None = Field(
+        None, description="Regex whose first group is the answer (`answer_extract: regex`)."
+    )
     shuffle_choices: bool = Field(False, description="Shuffle options per problem (seeded by the problem id).")
     meta: list[str] = Field(default_factory=list, description="Other columns to carry along in `meta`.")
 
@@ -206,8 +208,15 @@ def _to_problem(spec: DatasetSpec, row: dict[str, Any]) -> tuple[Problem | None,
         meta["source_id"] = str(source_id)
     solution = _pick(row, spec.fields.solution)
     return Problem(
-        id=pid, source=spec.name, kind=spec.kind, problem=text.strip(), answer=answer,
-        solution=str(solution) if solution is not None else None, choices=choices, tests=tests, meta=meta,
+        id=pid,
+        source=spec.name,
+        kind=spec.kind,
+        problem=text.strip(),
+        answer=answer,
+        solution=str(solution) if solution is not None else None,
+        choices=choices,
+        tests=tests,
+        meta=meta,
     ), "ok"
 
 
@@ -287,4 +296,3 @@ def load_problems(sources: list[DataSource]) -> list[Loaded]:
         loaded.problems = unique
         loaded_all.append(loaded)
     return loaded_all
-

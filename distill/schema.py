@@ -40,7 +40,9 @@ class DataSource(Section):
     )
     split: str | None = Field(None, description="Split to read; unset uses the spec's split.")
     limit: int | None = Field(None, ge=1, description="Keep only the first N problems (after the shuffle, if any).")
-    seed: int | None = Field(None, description="Shuffle the problems with this seed before `limit`; unset keeps order.")
+    seed: int | None = Field(
+        None, description="Shuffle the problems with this seed before `limit`; unset keeps order."
+    )
 
 
 class Endpoint(Section):
@@ -59,7 +61,9 @@ class Teacher(Section):
     backend: Literal["vllm", "openai"] = Field(
         "vllm", description="`vllm`: offline `vllm.LLM`; `openai`: any OpenAI-compatible endpoint (see `endpoint`)."
     )
-    model: str = Field(description="Teacher model: local path or hub id (vllm), or the model name the endpoint serves.")
+    model: str = Field(
+        description="Teacher model: local path or hub id (vllm), or the model name the endpoint serves."
+    )
     prompt: str = Field(R1_PROMPT, description="User prompt template; `{problem}` is replaced by the problem text.")
     system_prompt: str | None = Field(None, description="System message; R1 recommends none.")
     think_prefix: str = Field(
@@ -90,7 +94,10 @@ class Filter(Section):
         None, ge=1, description="Drop traces longer than this, counted with the student's tokenizer (`student.model`)."
     )
     max_cjk_ratio: float | None = Field(
-        0.05, ge=0, le=1, description="Language mixing: drop reasoning whose CJK share exceeds this (English problems)."
+        0.05,
+        ge=0,
+        le=1,
+        description="Language mixing: drop reasoning whose CJK share exceeds this (English problems).",
     )
     max_repeated_ngram_ratio: float | None = Field(
         0.5, ge=0, le=1, description="Degenerate repetition: drop reasoning whose repeated 10-gram share exceeds this."

@@ -42,13 +42,23 @@ DEFAULT_CORPUS = [
 
 
 def build_tiny_model(
-    out: Path, *, arch: str = "qwen2", hidden_size: int = 64, layers: int = 2, heads: int = 2,
-    vocab_size: int = 512, corpus: list[str] | None = None, seed: int = 0, max_position_embeddings: int = 2048,
+    out: Path,
+    *,
+    arch: str = "qwen2",
+    hidden_size: int = 64,
+    layers: int = 2,
+    heads: int = 2,
+    vocab_size: int = 512,
+    corpus: list[str] | None = None,
+    seed: int = 0,
+    max_position_embeddings: int = 2048,
 ) -> Path:
     """Write `config.json`, fp32 safetensors weights, tokenizer files and `generation_config.json` to `out`."""
     if hidden_size % heads or hidden_size // heads < 32:
-        raise DistillError(f"--hidden-size {hidden_size} / --heads {heads}: head_dim must be an integer >= 32 "
-                           "(vLLM's CPU attention supports 32, 64, 80, 96, 112, 128, ...)")
+        raise DistillError(
+            f"--hidden-size {hidden_size} / --heads {heads}: head_dim must be an integer >= 32 "
+            "(vLLM's CPU attention supports 32, 64, 80, 96, 112, 128, ...)"
+        )
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
@@ -58,10 +68,19 @@ def build_tiny_model(
     tokenizer.save_pretrained(out)
     eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     config = AutoConfig.for_model(
-        arch, vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 4,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-        max_position_embeddings=max_position_embeddings, tie_word_embeddings=True, torch_dtype="float32",
-        bos_token_id=None, eos_token_id=eos_id, pad_token_id=tokenizer.pad_token_id,
+        arch,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 4,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=True,
+        torch_dtype="float32",
+        bos_token_id=None,
+        eos_token_id=eos_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
@@ -80,18 +99,25 @@ def train_tokenizer(corpus: list[str], *, vocab_size: int):
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     backend.train_from_iterator(corpus, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
     )
     tokenizer.add_tokens(PLAIN_ADDED, special_tokens=False)
     tokenizer.chat_template = CHAT_TEMPLATE

@@ -1,0 +1,36 @@
+"""Two minimal stages for testing the runner's mechanics (skip, re-run, swap, kill safety) in isolation.
+
+They follow the real stage contract (`run(recipe, *, ctx) -> StageReport`, `input_hash(recipe)`); the library
+stages have their own end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from distill import files
+from distill.manifest import canonical_hash
+from distill.pipeline import Stage, StageReport
+
+STAGES = {
+    "make": Stage("make", "toystage", ("data",), (), "filter", 0),
+    "count": Stage("count", "toystage_count", ("filter.dedup",), ("make",), "filter", 0),
+}
+
+
+def input_hash(recipe) -> str:
+    return canonical_hash(files.sha256_file(recipe.data[0].path))
+
+
+def run(recipe, *, ctx) -> StageReport:
+    rows = list(files.read_jsonl(recipe.data[0].path))
+    limit = recipe.data[0].limit or len(rows)
+    out = [{"problem": r["problem"].upper()} for r in rows[:limit]]
+    if os.environ.get("TOY_HANG"):  # for the kill test: leave a partial file, then wait to be killed
+        (ctx.work_dir / "rows.jsonl").write_text(json.dumps(out[0]) + "\n")
+        print("HANGING", flush=True)
+        time.sleep(600)
+    files.write_jsonl(ctx.work_dir / "rows.jsonl", out)
+    return StageReport(counts={"in": len(rows), "out": len(out), "dropped": {"over_limit": len(rows) - len(out)}})
