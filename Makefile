@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	  echo "installing distill[$$extra,dev] into $(VENV)"; \
 	  $(PY) -m pip install --quiet -e ".[$$extra,dev]" && \
 	  if [ $$extra = cpu ]; then $(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec; fi
-	$(DISTILL) recipe check recipes/*.yaml >/dev/null
+	$(if $(wildcard recipes/*.yaml),$(DISTILL) recipe check $(wildcard recipes/*.yaml) >/dev/null)
 	touch $@
 
 test: install

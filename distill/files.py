@@ -60,19 +60,32 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n")
 
 
+def read_json(path: str | Path) -> Any:
+    """Read a JSON file; a corrupt one is a DataError naming the file."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def json_line(row: dict[str, Any]) -> str:
+    """One JSON Lines record (UTF-8 kept readable), newline included."""
+    return json.dumps(row, ensure_ascii=False) + "\n"
+
+
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
     """Atomically write `rows` as JSON Lines; returns the number of rows written. Streams: rows may be a generator."""
     count = 0
     with atomic_open(path) as handle:
         for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            handle.write(json_line(row))
             count += 1
     return count
 
 
 def append_jsonl(handle: IO[str], rows: Iterable[dict[str, Any]]) -> None:
     """Append rows to an open log and make them durable before returning (the teacher's resume unit)."""
-    handle.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    handle.write("".join(json_line(row) for row in rows))
     handle.flush()
     os.fsync(handle.fileno())
 

@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,6 +43,15 @@ class Stage:
     upstream: tuple[str, ...]  # stages whose outputs it reads
     needs: str  # recipe section that must be present for the stage to be configured
     issue: int  # where its implementation is tracked, for "not built yet"
+    reads: Callable[[Recipe, StageOptions], tuple[str, ...]] | None = None  # upstream actually read, if it varies
+
+    def upstream_read(self, recipe: Recipe, options: StageOptions) -> tuple[str, ...]:
+        return self.reads(recipe, options) if self.reads else self.upstream
+
+
+def _eval_reads(recipe: Recipe, options: StageOptions) -> tuple[str, ...]:
+    """Eval reads the train output only when no other model is named (`--model` or `eval.model`)."""
+    return () if options.model or (recipe.eval and recipe.eval.model) else ("train",)
 
 
 STAGES: dict[str, Stage] = {
@@ -50,7 +60,15 @@ STAGES: dict[str, Stage] = {
         Stage("generate", "teacher.generate", ("data", "teacher"), (), "teacher", 3),
         Stage("filter", "distill.filter", ("filter", "student.model"), ("generate",), "filter", 4),
         Stage("train", "student.train", ("student",), ("filter",), "student", 5),
-        Stage("eval", "distill.evaluate", ("eval", "student.model"), ("train",), "eval", 6),
+        Stage(
+            "eval",
+            "distill.evaluate",
+            ("eval", "student.model", "teacher.prompt", "teacher.think_prefix"),
+            ("train",),
+            "eval",
+            6,
+            reads=_eval_reads,
+        ),
         Stage("push", "distill.hub", ("hub",), ("filter", "train", "eval"), "hub", 6),
     )
 }
@@ -104,11 +122,11 @@ def section_hash(recipe: Recipe, stage: Stage, options: StageOptions) -> str:
     return canonical_hash({"sections": {s: section(recipe, s) for s in stage.sections}, **options.fingerprint()})
 
 
-def input_hash(recipe: Recipe, stage: Stage, run_dir: Path) -> tuple[str, dict[str, Path]]:
+def input_hash(recipe: Recipe, stage: Stage, run_dir: Path, options: StageOptions) -> tuple[str, dict[str, Path]]:
     """Hash of the finished upstream outputs this stage reads, and their directories. Unconfigured upstream stages
     are skipped; a configured one that has not finished is an error that says which command to run."""
     hashes, inputs = {}, {}
-    for name in stage.upstream:
+    for name in stage.upstream_read(recipe, options):
         upstream = STAGES[name]
         if not configured(recipe, upstream):
             continue
@@ -132,7 +150,7 @@ def _state(recipe: Recipe, stage: Stage, run_dir: Path, manifest: Manifest | Non
     if manifest.section_hash != section_hash(recipe, stage, StageOptions()):
         return "stale"
     try:
-        current_input, _ = input_hash(recipe, stage, run_dir)
+        current_input, _ = input_hash(recipe, stage, run_dir, StageOptions())
     except DistillError:
         return "stale"
     return "done" if current_input == manifest.input_hash else "stale"
@@ -167,7 +185,7 @@ def run_stage(
     run_dir = runs_dir / recipe.name
     out_dir = run_dir / name
     sections = section_hash(recipe, stage, options)
-    inputs_hash, inputs = input_hash(recipe, stage, run_dir)
+    inputs_hash, inputs = input_hash(recipe, stage, run_dir, options)
     previous = read_manifest(out_dir)
     if previous and not force and (previous.section_hash, previous.input_hash) == (sections, inputs_hash):
         log.info("%s: cached (manifest matches: section %s, input %s)", name, sections[:12], inputs_hash[:12])

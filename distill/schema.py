@@ -53,6 +53,9 @@ class Endpoint(Section):
     max_concurrency: int = Field(64, ge=1, description="Requests in flight at once.")
     timeout_s: float = Field(600.0, gt=0, description="Per-request timeout; a timeout is retried like a 5xx.")
     max_retries: int = Field(8, ge=0, description="Retries per request on 429/5xx/timeouts/malformed bodies.")
+    backoff_s: float = Field(
+        1.0, gt=0, description="First retry delay in seconds; doubles per retry, with full jitter, capped at 60 s."
+    )
     price_input_per_m: float = Field(0.0, ge=0, description="USD per million prompt tokens, for the cost estimate.")
     price_output_per_m: float = Field(0.0, ge=0, description="USD per million completion tokens.")
 
@@ -79,42 +82,84 @@ class Teacher(Section):
 
 
 class Filter(Section):
-    verify: bool = Field(True, description="Check answers against the reference; off keeps traces unverified.")
+    verify: bool = Field(
+        True,
+        description="Check answers against the reference (math-verify, choice letter, code tests); off keeps "
+        "every trace that passes the quality filters, marked `unverified`.",
+    )
     selection: Literal["all_correct", "first_correct", "shortest_correct"] = Field(
-        "all_correct", description="Which correct traces of a problem to keep."
+        "all_correct",
+        description="Which correct traces of a problem to keep: all, the first by sample index, or the "
+        "shortest by completion tokens; others are counted as `not_selected`.",
     )
-    max_per_problem: int | None = Field(None, ge=1, description="Keep at most this many traces per problem.")
+    max_per_problem: int | None = Field(
+        None,
+        ge=1,
+        description="Keep at most this many selected traces per problem (the first k for `all_correct`, "
+        "the k shortest for `shortest_correct`).",
+    )
     pass_rate: tuple[float, float] | None = Field(
-        None, description="Keep problems whose teacher pass rate lies in [lo, hi] (a difficulty band)."
+        None,
+        description="Keep problems whose teacher pass rate (correct / all samples) lies in [lo, hi], a "
+        "difficulty band; others count as `pass_rate_out_of_band`. Needs `verify`.",
     )
-    truncated: bool = Field(True, description="Drop traces cut by max_tokens or without `</think>`.")
-    no_answer: bool = Field(True, description="Drop traces with no extractable final answer after `</think>`.")
+    truncated: bool = Field(
+        True, description="Drop traces cut by max_tokens (finish_reason `length`) or without `</think>`."
+    )
+    no_answer: bool = Field(
+        True,
+        description="Drop traces with no final answer after `</think>` (math: no `\\boxed{}`; choice: no "
+        "letter; code: no fenced code block).",
+    )
     empty_reasoning: bool = Field(True, description="Drop traces whose `<think>` block is empty.")
     max_tokens: int | None = Field(
-        None, ge=1, description="Drop traces longer than this, counted with the student's tokenizer (`student.model`)."
+        None,
+        ge=1,
+        description="Drop traces whose assistant turn is longer than this, counted with the student's "
+        "tokenizer (`student.model`, loaded only when this is set).",
     )
     max_cjk_ratio: float | None = Field(
         0.05,
         ge=0,
         le=1,
-        description="Language mixing: drop reasoning whose CJK share exceeds this (English problems).",
+        description="Language mixing: drop reasoning whose CJK share exceeds this (problems that "
+        "are not themselves mostly CJK); null disables.",
     )
     max_repeated_ngram_ratio: float | None = Field(
-        0.5, ge=0, le=1, description="Degenerate repetition: drop reasoning whose repeated 10-gram share exceeds this."
+        0.5,
+        ge=0,
+        le=1,
+        description="Degenerate repetition: drop reasoning whose repeated word 10-gram share exceeds "
+        "this; null disables.",
     )
     code_in_reasoning: bool = Field(
         True, description="Drop math/choice traces whose reasoning contains fenced code blocks (R1 paper)."
     )
-    dedup: bool = Field(True, description="Drop exact duplicate problems (normalised text).")
+    dedup: bool = Field(True, description="Drop exact duplicate problems (normalised text); the first id seen wins.")
     near_dup_threshold: float | None = Field(
-        0.9, gt=0, le=1, description="Drop near-duplicate problems above this MinHash Jaccard estimate; null disables."
+        0.9,
+        gt=0,
+        le=1,
+        description="Drop near-duplicate problems above this MinHash Jaccard estimate (datasketch "
+        "LSH over word 3-grams); null disables.",
     )
-    decontaminate: list[str] = Field(
-        default_factory=lambda: ["math500", "aime24", "aime25", "gpqa_diamond", "gsm8k"],
-        description="Benchmark specs whose problems must not appear in training data (word 8-gram overlap).",
+    decontaminate: list[DataSource] = Field(
+        default_factory=list,
+        description="Benchmarks whose problems must not appear in training data (word 8-gram overlap), as data "
+        "sources (a spec name, or a mapping with `path` for a local copy); removals are counted per benchmark.",
     )
-    verify_timeout_s: float = Field(5.0, gt=0, description="Hard timeout per answer check (a timeout is a reason).")
+    verify_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="Hard timeout per answer check (math: parse + verify; code: per test run); a timeout "
+        "is counted as `verify_timeout` / `time_limit`, never a hang.",
+    )
     workers: int | None = Field(None, ge=1, description="Verification processes; unset uses every core.")
+
+    @field_validator("decontaminate", mode="before")
+    @classmethod
+    def _names_as_sources(cls, value: Any) -> Any:
+        return [{"spec": v} if isinstance(v, str) else v for v in value] if isinstance(value, list) else value
 
 
 class Student(Section):
@@ -146,6 +191,9 @@ class Eval(Section):
         description="`vllm.SamplingParams` fields; `n` is k, the samples per problem. R1 defaults merged in.",
     )
     engine: dict[str, Any] = Field(default_factory=dict, description="`vllm.LLM(...)` keyword arguments.")
+    endpoint: Endpoint | None = Field(
+        None, description="Score a model behind an OpenAI-compatible endpoint instead (`model` is its served name)."
+    )
     pass_k: list[int] = Field(default_factory=lambda: [1], description="k values for the unbiased pass@k estimator.")
     compare_base: bool = Field(False, description="Also score `student.model` (the untrained base) for comparison.")
     _merge_sampling = field_validator("sampling", mode="before")(_merge_defaults(R1_SAMPLING))
