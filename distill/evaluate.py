@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +85,7 @@ def score_model(
         for row in rows:
             handle.write(files.json_line({"model": label, "benchmark": loaded.spec.name, **row}))
         written += len(rows)
-        scores = score(answers, verdicts, k=_valid_k(recipe.eval.pass_k, teacher.sampling["n"]))
+        scores = score(answers, verdicts, k=recipe.eval.pass_k)
         scores["prompt_too_long"] = len(stats.skipped_ids)
         per_benchmark[loaded.spec.name] = scores
         all_answers += answers
@@ -92,7 +93,7 @@ def score_model(
         log.info("%s on %s: %s", label, loaded.spec.name, _brief(scores))
     del llm
     gc.collect()
-    overall = score(all_answers, all_verdicts, k=_valid_k(recipe.eval.pass_k, teacher.sampling["n"]))
+    overall = score(all_answers, all_verdicts, k=recipe.eval.pass_k)
     return {"benchmarks": per_benchmark, "overall": overall}, written
 
 
@@ -116,9 +117,7 @@ def judge(
     problems: list[Problem], traces: list[Trace], *, n: int, recipe: Recipe
 ) -> tuple[list[list[str]], list[list[bool]], list[dict[str, Any]]]:
     """Per problem: the k answer keys (for maj@k), the k verdicts, and the per-sample detail rows."""
-    from distill.filter.verdicts import reasons_for
-
-    reasons = reasons_for(traces, timeout_s=recipe.filter.verify_timeout_s, workers=recipe.filter.workers)
+    reasons = verify(traces, timeout_s=recipe.filter.verify_timeout_s, workers=recipe.filter.workers)
     by_problem: dict[str, list[tuple[Trace, str]]] = {}
     for trace, reason in zip(traces, reasons, strict=True):
         by_problem.setdefault(trace.id, []).append((trace, reason))
@@ -145,6 +144,23 @@ def judge(
     return answers, verdicts, rows
 
 
+def verify(traces: list[Trace], *, timeout_s: float, workers: int | None) -> list[str]:
+    """One reason per trace, in order, from the filter's own steps and worker pool: `truncated` (cut by max_tokens
+    or no `</think>`), the answer check's reasons, `ok`. Same words and timeouts as the filter stage."""
+    from distill.filter import to_item
+    from distill.filter.pool import VerifyPool
+    from distill.filter.steps import AnswerMatches, Truncated
+
+    groups: list[list[dict[str, Any]]] = []
+    for index, trace in enumerate(traces):
+        if index == 0 or trace.id != traces[index - 1].id:
+            groups.append([])
+        groups[-1].append(to_item(trace.to_dict()))
+    steps = [Truncated(), AnswerMatches(verify=True, timeout_s=timeout_s)]
+    with VerifyPool(steps=steps, workers=workers or os.cpu_count() or 1, timeout_s=timeout_s) as pool:
+        return [reason for outcomes in pool.imap(groups) for _, reason in outcomes]
+
+
 def answer_key(trace: Trace) -> str:
     """What a sample answered, normalised for majority voting: the last \\boxed{} after `</think>` (or the letter)."""
     from distill.filter.answers import choice_letter
@@ -155,13 +171,6 @@ def answer_key(trace: Trace) -> str:
         return choice_letter(trace.final, n_choices=len(trace.choices or []) or 26) or ""
     boxed = last_boxed(trace.final) or ""
     return "".join(boxed.replace("\\left", "").replace("\\right", "").replace("\\!", "").split())
-
-
-def _valid_k(pass_k: list[int], n: int) -> list[int]:
-    too_big = [k for k in pass_k if k > n]
-    if too_big:
-        raise ValueError(f"eval.pass_k: {too_big} exceed eval.sampling.n={n} samples per problem")
-    return pass_k
 
 
 def _brief(scores: dict[str, Any]) -> str:

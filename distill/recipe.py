@@ -140,6 +140,8 @@ def _describe(exc: ValidationError) -> list[str]:
             lines.append(f"{loc}: unknown key{hint}")
         elif error["type"] == "missing":
             lines.append(f"{loc}: required key is missing")
+        elif error["type"] == "value_error":  # our own validators: the message says it all
+            lines.append(f"{loc}: {error['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"{loc}: {error['msg']}, got {error.get('input')!r}")
     return lines

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 from conftest import REPO
-
 from distill.reference import recipe_reference
 
 COMMANDS = ("generate", "filter", "train", "eval", "push", "run", "status", "recipe", "verify", "merge", "tiny-model")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import REPO
 
 import datasets
+from conftest import REPO
 from distill.data import find_spec, last_boxed, load_problems, load_source, load_spec
 from distill.errors import DataError, RecipeError
 from distill.files import write_jsonl

@@ -42,8 +42,9 @@ def test_majority_vote_ignores_missing_answers_and_breaks_ties_by_first_seen():
 
 
 def test_score_per_problem_means():
-    result = score([["1", "1", "2", "1"], ["3", "4", "", ""]], [[True, True, False, True], [False, False, False, False]],
-                   k=[1, 2])
+    result = score(
+        [["1", "1", "2", "1"], ["3", "4", "", ""]], [[True, True, False, True], [False, False, False, False]], k=[1, 2]
+    )
     assert result["pass@1"] == pytest.approx((0.75 + 0.0) / 2)
     assert result["pass@2"] == pytest.approx((1.0 + 0.0) / 2)
     assert result["maj@4"] == 0.5 and result["problems"] == 2 and result["samples"] == 4

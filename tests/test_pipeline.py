@@ -10,9 +10,9 @@ import sys
 import time
 
 import pytest
+
 import toystage
 from conftest import REPO
-
 from distill import files, pipeline
 from distill.manifest import canonical_hash, read_manifest
 from distill.recipe import load_recipe

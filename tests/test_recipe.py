@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
 
+from conftest import REPO
 from distill.errors import RecipeError
 from distill.recipe import dump_recipe, load_recipe
 
@@ -169,3 +169,9 @@ def test_recipe_every_shipped_recipe_validates(path):
     recipe = load_recipe(path)
     assert recipe.name and recipe.data
     assert path.read_text().startswith("#"), f"{path.name} must start with a header comment (assumes, how, cost)"
+
+
+def test_recipe_cross_field_check_pass_k_within_samples(tmp_path):
+    bad = {**BASE, "eval": {"benchmarks": ["math500"], "pass_k": [1, 8], "sampling": {"n": 4}}}
+    path = write(tmp_path, bad)
+    assert error_lines(path) == [f"{path}: eval: pass_k [8] exceeds sampling.n=4, the samples drawn per problem"]

@@ -1,0 +1,119 @@
+"""Stage `eval`: real vLLM on the tiny model over slices of the shared MATH-500 and AIME files, and the judging of
+hand-written completions through the filter's verifiers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from conftest import TINY_ENGINE
+from distill import files, pipeline
+from distill.evaluate import answer_key, judge
+from distill.recipe import load_recipe
+from distill.records import Problem, Trace, split_reasoning
+
+
+def _trace(problem: Problem, sample: int, completion: str, finish_reason: str = "stop") -> Trace:
+    reasoning, final = split_reasoning(completion)
+    return Trace(
+        **problem.to_dict(),
+        sample=sample,
+        prompt=[],
+        completion=completion,
+        reasoning=reasoning,
+        final=final,
+        finish_reason=finish_reason,
+        prompt_tokens=1,
+        completion_tokens=1,
+        teacher="t",
+        sampling={},
+    )
+
+
+def test_eval_judge_scores_hand_written_completions(tmp_path):
+    math = Problem(id="m1", source="s", kind="math", problem="6 + 6?", answer="12")
+    choice = Problem(id="c1", source="s", kind="choice", problem="Pick", answer="B", choices=["x", "y", "z", "w"])
+    traces = [
+        _trace(math, 0, "<think>\n6+6=12\n</think>\n\nThe answer is \\boxed{12}."),
+        _trace(math, 1, "<think>\nmaybe 13\n</think>\n\n\\boxed{13}"),
+        _trace(math, 2, "<think>\n6+6 is \\boxed{12} so", finish_reason="length"),
+        _trace(math, 3, "<think>\nI think \\boxed{12}\n</think>\n\nno idea"),
+        _trace(choice, 0, "<think>\nit is y\n</think>\n\nThe answer is B"),
+        _trace(choice, 1, "<think>\nz?\n</think>\n\nAnswer: C"),
+        _trace(choice, 2, "<think>\nz?\n</think>\n\nAnswer: C"),
+        _trace(choice, 3, "<think>\nhmm"),
+    ]
+    recipe = load_recipe(_write(tmp_path, {"name": "j", "data": {"spec": "local_jsonl", "path": "x"}}))
+    answers, verdicts, rows = judge([math, choice], traces, n=4, recipe=recipe)
+    assert verdicts == [[True, False, False, False], [True, False, False, False]]
+    assert answers == [["12", "13", "", ""], ["B", "C", "C", ""]], "only text after </think> counts as an answer"
+    reasons = [row["verdict"]["reason"] for row in rows]
+    assert reasons == [
+        "ok",
+        "wrong_answer",
+        "truncated",
+        "no_answer",
+        "ok",
+        "wrong_answer",
+        "wrong_answer",
+        "truncated",
+    ]
+    assert answer_key(_trace(math, 0, "<think>\n</think>\n\n\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}")) == (
+        "(3,\\frac{\\pi}{2})"
+    )
+
+
+def _write(tmp_path, data) -> str:
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_eval_stage_real_vllm_on_math500_and_aime(tmp_path, tiny_model, shared_data):
+    recipe = load_recipe(
+        _write(
+            tmp_path,
+            {
+                "name": "ev",
+                "data": {"spec": "local_jsonl", "path": "unused.jsonl"},
+                "student": {"model": str(tiny_model)},
+                "eval": {
+                    "model": str(tiny_model),
+                    "benchmarks": [
+                        {"spec": "math500", "path": str(shared_data / "math500/test.jsonl"), "limit": 3},
+                        {"spec": "aime24", "path": str(shared_data / "aime24/test.jsonl"), "limit": 2},
+                    ],
+                    "sampling": {"n": 2, "max_tokens": 12, "seed": 0},
+                    "engine": TINY_ENGINE,
+                    "pass_k": [1, 2],
+                    "compare_base": True,
+                },
+            },
+        )
+    )
+    manifest = pipeline.run_stage(
+        recipe, "eval", runs_dir=tmp_path / "runs", options=pipeline.StageOptions(progress=False)
+    )
+    out = tmp_path / "runs" / "ev" / "eval"
+    rows = list(files.read_jsonl(out / "samples.jsonl"))
+    assert len(rows) == 2 * 5 * 2 == manifest.counts["out"], "2 models x 5 problems x k=2 samples"
+    assert {(r["model"], r["benchmark"]) for r in rows} == {
+        (m, b) for m in ("student", "base") for b in ("math500", "aime24")
+    }
+    for row in rows:
+        assert row["completion"].startswith("<think>\n") and row["prompt"][0]["role"] == "user"
+        if row["finish_reason"] == "length":
+            assert row["verdict"] == {"correct": False, "reason": "truncated"}, (
+                "hitting max_tokens is wrong, not an error"
+            )
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["benchmarks"]) == {"math500", "aime24"} and results["k"] == 2
+    for label in ("student", "base"):
+        overall = results[label]["overall"]
+        assert overall["problems"] == 5 and overall["samples"] == 2 and set(overall) >= {"pass@1", "pass@2", "maj@2"}
+        assert overall["pass@1"] == 0.0, "a random-init model solves nothing"
+    table = (out / "results.md").read_text()
+    assert "| student (`qwen2`) | math500 | 3 |" in table and "| base (`qwen2`) | overall | 5 |" in table
