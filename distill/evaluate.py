@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ def run(recipe: Recipe, *, ctx: StageContext) -> StageReport:
         if recipe.student is None:
             raise ValueError("eval.compare_base: needs student.model (the base) in the recipe")
         models["base"] = recipe.student.model
+    models = {label: servable(model, scratch=ctx.run_dir / ".work") for label, model in models.items()}
     benchmarks = [load_source(source) for source in cfg.benchmarks]
     if not benchmarks:
         raise ValueError("eval.benchmarks: name at least one benchmark dataset spec, e.g. [math500]")
@@ -62,6 +64,23 @@ def run(recipe: Recipe, *, ctx: StageContext) -> StageReport:
         counts={"in": problems, "out": samples, "dropped": dropped},
         extra={label: results[label]["overall"] for label in models},
     )
+
+
+def servable(model: str, *, scratch: Path) -> str:
+    """A LoRA adapter folder (a LoRA run without `student.merge`) cannot be served as is: merge it into its base
+    once, into a scratch folder named by the adapter's content hash (outside the stage output), and score that."""
+    folder = Path(model)
+    if not (folder / "adapter_config.json").is_file() or (folder / "config.json").is_file():
+        return model
+    from student.merge import merge_adapter
+
+    scratch = scratch / f"merged-{files.sha256_tree(folder)[:12]}"
+    if (scratch / "config.json").is_file():
+        return str(scratch)
+    if scratch.exists():
+        shutil.rmtree(scratch)
+    log.info("eval: %s is a LoRA adapter; merging it into its base in %s to serve it", model, scratch)
+    return str(merge_adapter(folder, out=scratch))
 
 
 def score_model(

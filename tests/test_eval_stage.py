@@ -117,3 +117,21 @@ def test_eval_stage_real_vllm_on_math500_and_aime(tmp_path, tiny_model, shared_d
         assert overall["pass@1"] == 0.0, "a random-init model solves nothing"
     table = (out / "results.md").read_text()
     assert "| student (`qwen2`) | math500 | 3 |" in table and "| base (`qwen2`) | overall | 5 |" in table
+
+
+def test_eval_merges_a_lora_adapter_once_to_serve_it(tmp_path, tiny_model):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from distill.evaluate import servable
+
+    adapter = tmp_path / "adapter"
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
+    model.save_pretrained(adapter)
+    assert servable(str(tiny_model), scratch=tmp_path / "scratch") == str(tiny_model), "a full model is used as is"
+    merged = servable(str(adapter), scratch=tmp_path / "scratch")
+    assert merged != str(adapter) and AutoModelForCausalLM.from_pretrained(merged).num_parameters() > 0
+    assert servable(str(adapter), scratch=tmp_path / "scratch") == merged, "merged once, reused while unchanged"

@@ -1,0 +1,81 @@
+"""Checks that must fail before training starts: minutes into a run (or after a queue wait) is too late.
+
+Each error names the recipe key, what was found and the fix. The model's module names come from a skeleton built
+on the `meta` device: no weights are read, so this costs a fraction of a second even for a large base.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from distill.errors import RecipeError
+
+
+def load_config(model: str) -> Any:
+    """The base model's config; a missing local path or an unreachable hub id is a recipe error."""
+    from transformers import AutoConfig
+
+    looks_local = model.startswith((".", "/", "~")) or Path(model).exists()
+    if looks_local and not Path(model).expanduser().is_dir():
+        raise RecipeError(f"student.model: {model}: no such directory")
+    try:
+        return AutoConfig.from_pretrained(model)
+    except OSError as exc:
+        raise RecipeError(f"student.model: {model}: cannot load its config.json ({exc})") from None
+
+
+def check_context(config: Any, *, max_length: int | None) -> int:
+    """The longest sequence the model can take; `sft.max_length` above it is an error (positions past it are
+    untrained or out of range). Returns the length budget rows are measured against."""
+    context = getattr(config.get_text_config(), "max_position_embeddings", None)
+    if max_length is not None and context is not None and max_length > context:
+        raise RecipeError(
+            f"student.sft.max_length: {max_length} is larger than the model's context "
+            f"({context} positions, max_position_embeddings); lower it to at most {context}"
+        )
+    return max_length or context or 2**31
+
+
+def check_lora(config: Any, *, peft: dict[str, Any]) -> Any:
+    """Build the `peft.LoraConfig` and make sure its target_modules match something in this architecture."""
+    import peft as peft_lib
+    import torch
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from transformers import AutoModelForCausalLM
+
+    try:
+        lora = peft_lib.LoraConfig(**{"task_type": "CAUSAL_LM", **peft})
+    except (TypeError, ValueError) as exc:
+        raise RecipeError(f"student.peft: peft.LoraConfig rejected it: {exc}") from None
+    if lora.target_modules is None or lora.target_modules == "all-linear":
+        return lora  # PEFT picks the model's own defaults / every linear layer
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    names = [name for name, _ in skeleton.named_modules() if name]
+    if not any(check_target_module_exists(lora, name) for name in names):
+        linear = sorted(
+            {name.rsplit(".", 1)[-1] for name, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)}
+        )
+        raise RecipeError(
+            f"student.peft.target_modules: {peft['target_modules']!r} matches no module of "
+            f"{config.model_type}; its linear modules are: {', '.join(linear)}"
+        )
+    return lora
+
+
+def check_quantization(quantization: str | None, *, has_peft: bool, on_gpu: bool) -> None:
+    """QLoRA (4-bit NF4 base weights via bitsandbytes) needs a CUDA GPU and a LoRA adapter to train."""
+    if quantization is None:
+        return
+    if not on_gpu:
+        raise RecipeError(
+            "student.quantization: 4bit (QLoRA, bitsandbytes) needs a CUDA GPU and none is visible; "
+            "remove student.quantization to train LoRA in full precision on this machine"
+        )
+    if not has_peft:
+        raise RecipeError("student.quantization: 4bit trains only adapters; add a student.peft section (LoRA)")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise RecipeError("student.quantization: 4bit needs bitsandbytes: pip install 'distill[gpu]'") from None

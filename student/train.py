@@ -1,0 +1,255 @@
+"""Stage `train`: fine-tune `student.model` on the filter's kept traces with TRL's SFTTrainer.
+
+    distill train recipes/demo.yaml
+
+Reads `runs/<name>/filter/kept.jsonl`, checks everything that can fail before a single step runs (model, LoRA
+targets, context length, chat template, stop token, QLoRA on CPU), drops or truncates overlong rows (counted),
+then trains in this process, or on N processes / M machines through `accelerate launch` when `student.accelerate`
+names a launcher config (see `student.launch`). Output, at the top of the stage directory:
+
+- full fine-tuning: the model (config.json, model.safetensors), tokenizer with the chat template trained with;
+- LoRA: the adapter (adapter_config.json, adapter_model.safetensors) and tokenizer; with `student.merge` the merged
+  full model is at the top instead and the adapter under `adapter/`;
+- generation_config.json whose eos_token_id is the template's end-of-turn token (the token trained as EOS);
+- metrics.json (rows, tokens, throughput, losses) and loss.png; `checkpoints/` (resume points, kept for the hub).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from distill import files
+from distill.errors import DataError, DistillError, RecipeError
+from distill.pipeline import StageContext, StageReport
+from distill.schema import Recipe, Student
+from student import launch, outputs, preflight, rows, template
+from student.merge import merge_adapter
+from student.trainer import PLAN, RESULT, Plan, train
+
+log = logging.getLogger(__name__)
+KEPT, CHECKPOINTS, ADAPTER, SCRATCH = "kept.jsonl", "checkpoints", "adapter", ".prep"
+CPU_DEFAULTS = {"use_cpu": True, "bf16": False, "gradient_checkpointing": False}  # bf16 + checkpointing: ~4x slower
+
+
+def run(recipe: Recipe, *, ctx: StageContext) -> StageReport:
+    """Train, then write the model folder, generation_config.json, metrics.json and loss.png into ctx.work_dir."""
+    student = recipe.student
+    if student is None or "filter" not in ctx.inputs:
+        raise DistillError("stage train needs a `student` section and the filter stage's output")
+    conversations = rows.read_conversations(ctx.inputs["filter"] / KEPT)
+    setup = _prepare(student, work_dir=ctx.work_dir, progress=ctx.options.progress)
+    fitted = rows.fit(
+        conversations,
+        tokenizer=setup.tokenizer,
+        template=setup.template.text,
+        limit=setup.limit,
+        overlong=student.overlong,
+        can_truncate=setup.sft.get("max_length") is not None,
+        splits=setup.splits,
+    )
+    if not fitted.conversations:
+        raise DataError(
+            f"{ctx.inputs['filter'] / KEPT}: all {fitted.seen} rows are longer than {setup.limit} tokens "
+            f"({fitted.dropped}); raise student.sft.max_length or set student.overlong: truncate"
+        )
+    plan = _write_plan(student, setup, fitted, work_dir=ctx.work_dir)
+    log.info(
+        "train: %d rows (%d dropped: %s, %d to truncate), %s tokens per epoch, %s, template %s, EOS %s",
+        len(fitted.conversations),
+        fitted.seen - len(fitted.conversations),
+        fitted.dropped or "none",
+        fitted.truncated,
+        f"{fitted.tokens:,}",
+        _mode(student),
+        setup.template.source,
+        setup.template.end_of_turn,
+    )
+    counts = {"in": fitted.seen, "out": len(fitted.conversations), "dropped": fitted.dropped}
+    if student.accelerate:
+        launch.launch(launch.config_file(student.accelerate), plan=Path(plan.scratch) / PLAN)
+        if launch.machine_rank() != 0:  # node 0 writes the model and finishes the stage
+            shutil.rmtree(plan.scratch, ignore_errors=True)
+            return StageReport(counts=counts, complete=False)
+    else:
+        train(plan)
+    metrics = _finish(student, setup, fitted, plan=plan, work_dir=ctx.work_dir)
+    extra = {k: metrics[k] for k in ("mode", "loss_first", "loss_last", "global_step", "train_tokens", "eos_token")}
+    return StageReport(counts=counts, extra=extra)
+
+
+@dataclasses.dataclass
+class Setup:
+    tokenizer: Any
+    template: template.ChatTemplate
+    sft: dict[str, Any]  # resolved SFTConfig keyword arguments
+    limit: int  # row length budget in tokens
+    splits: bool  # packing cuts overlong rows into several packed rows instead of truncating them
+
+
+def _prepare(student: Student, *, work_dir: Path, progress: bool) -> Setup:
+    """Every check that can fail before training, in the order that reports the cheapest fix first."""
+    import torch
+    from transformers import AutoTokenizer
+
+    on_gpu = torch.cuda.is_available()
+    config = preflight.load_config(student.model)
+    preflight.check_quantization(student.quantization, has_peft=student.peft is not None, on_gpu=on_gpu)
+    if student.peft is not None:
+        preflight.check_lora(config, peft=student.peft)
+    sft = _sft_arguments(student, work_dir=work_dir, on_gpu=on_gpu, progress=progress)
+    tokenizer = AutoTokenizer.from_pretrained(student.model)
+    chat = template.resolve(
+        tokenizer,
+        model_type=config.model_type,
+        path=student.chat_template,
+        assistant_only=bool(sft.get("assistant_only_loss")),
+    )
+    if sft.get("eos_token") not in (None, chat.end_of_turn):
+        raise RecipeError(
+            f"student.sft.eos_token: {sft['eos_token']!r} differs from the chat template's end-of-turn "
+            f"token {chat.end_of_turn!r}; the student would learn to stop on a token inference never "
+            "sees. Remove it (distill sets it from the template)"
+        )
+    sft["eos_token"] = chat.end_of_turn
+    resolved = _validated(sft)
+    if resolved.padding_free and not resolved.packing and resolved.max_length is not None:
+        raise RecipeError(
+            "student.sft.padding_free: without packing TRL cannot enforce max_length; set "
+            "student.sft.max_length: null (rows beyond the model's context are then dropped) or packing"
+        )
+    limit = preflight.check_context(config, max_length=resolved.max_length)
+    sft["max_length"] = resolved.max_length
+    log.info("student.sft as passed to trl.SFTConfig: %s", sft)
+    splits = bool(resolved.packing) and resolved.packing_strategy in ("wrapped", "bfd_split")
+    return Setup(tokenizer=tokenizer, template=chat, sft=sft, limit=limit, splits=splits)
+
+
+def _sft_arguments(student: Student, *, work_dir: Path, on_gpu: bool, progress: bool) -> dict[str, Any]:
+    sft = dict(student.sft)
+    if "chat_template_path" in sft:
+        raise RecipeError(
+            "student.sft.chat_template_path: set student.chat_template instead (distill checks it has "
+            "generation markers and derives the stop token from it)"
+        )
+    sft["output_dir"] = str(work_dir / CHECKPOINTS)
+    sft.setdefault("disable_tqdm", not progress)
+    if not on_gpu:
+        applied = {key: value for key, value in CPU_DEFAULTS.items() if key not in sft}
+        sft.update(applied)
+        log.info("no CUDA device: training on CPU with %s (set them in student.sft to override)", applied)
+    return sft
+
+
+def _validated(sft: dict[str, Any]) -> Any:
+    """Build the SFTConfig once here, so a bad combination fails now and not on N launched processes."""
+    from trl import SFTConfig
+
+    try:
+        return SFTConfig(**sft)
+    except (TypeError, ValueError) as exc:
+        raise RecipeError(f"student.sft: trl.SFTConfig rejected it: {exc}") from None
+
+
+def _scratch(work_dir: Path) -> Path:
+    """Node 0 keeps its scratch inside the work dir (deleted before the swap); other nodes of a multi-node run use
+    a sibling folder, so on a shared filesystem no node deletes a plan that another node's processes still read."""
+    rank = launch.machine_rank()
+    return work_dir / SCRATCH if rank == 0 else work_dir.with_name(f"{work_dir.name}{SCRATCH}-node{rank}")
+
+
+def _write_plan(student: Student, setup: Setup, fitted: rows.Rows, *, work_dir: Path) -> Plan:
+    scratch = _scratch(work_dir)
+    if scratch.exists():
+        shutil.rmtree(scratch)
+    data, template_file = scratch / "train.jsonl", scratch / "chat_template.jinja"
+    files.write_jsonl(data, ({"messages": messages} for messages in fitted.conversations))
+    files.write_text(template_file, setup.template.text)
+    merged = student.peft is not None and student.merge
+    plan = Plan(
+        model=student.model,
+        data=str(data),
+        template=str(template_file),
+        sft=setup.sft,
+        peft=student.peft,
+        quantization=student.quantization,
+        save_dir=str(work_dir / ADAPTER if merged else work_dir),
+        scratch=str(scratch),
+    )
+    plan.write(scratch / PLAN)
+    return plan
+
+
+def _finish(student: Student, setup: Setup, fitted: rows.Rows, *, plan: Plan, work_dir: Path) -> dict[str, Any]:
+    """Stop token, optional merge, metrics.json and loss.png; then drop the scratch folder."""
+    scratch = Path(plan.scratch)
+    result = json.loads((scratch / RESULT).read_text(encoding="utf-8"))
+    save_dir = Path(plan.save_dir)
+    eos_id, pad_id = setup.template.end_of_turn_id, setup.tokenizer.pad_token_id
+    outputs.write_generation_config(save_dir, base=student.model, eos_token_id=eos_id, pad_token_id=pad_id)
+    if save_dir != work_dir:  # LoRA + merge: merged model at the top, adapter kept under adapter/
+        merged = merge_adapter(save_dir, out=scratch / "merged", base=student.model)
+        for path in merged.iterdir():
+            os.replace(path, work_dir / path.name)
+        outputs.write_generation_config(work_dir, base=student.model, eos_token_id=eos_id, pad_token_id=pad_id)
+    points = outputs.losses(result["log_history"])
+    runtime = result["train_runtime"] or 0.0
+    tokens = round(fitted.tokens * (result["epoch"] or 0))
+    metrics = {
+        "mode": _mode(student),
+        "merged": save_dir != work_dir,
+        "chat_template": setup.template.source,
+        "eos_token": setup.template.end_of_turn,
+        "eos_token_id": eos_id,
+        "rows": {
+            "in": fitted.seen,
+            "out": len(fitted.conversations),
+            "dropped": fitted.dropped,
+            "truncated": fitted.truncated,
+        },
+        "train_tokens_per_epoch": fitted.tokens,
+        "train_tokens": tokens,
+        "train_runtime_s": runtime,
+        # after a resume the runtime covers only the resumed part, so tokens/s would be inflated
+        "train_tokens_per_s": round(tokens / runtime, 1) if runtime and not result["resumed_from"] else None,
+        "global_step": result["global_step"],
+        "epoch": result["epoch"],
+        "world_size": result["world_size"],
+        "resumed_from": result["resumed_from"],
+        "processes": _processes(scratch),
+        "loss_first": points[0][1] if points else None,
+        "loss_last": points[-1][1] if points else None,
+        "log_history": result["log_history"],
+    }
+    files.write_json(work_dir / "metrics.json", metrics)
+    outputs.write_loss_plot(work_dir / "loss.png", points=points, title=f"{student.model} ({_mode(student)})")
+    shutil.rmtree(scratch)
+    return metrics
+
+
+def _processes(scratch: Path) -> dict[str, Any] | None:
+    """Summary of the per-rank reports of a multi-process run: who saved, and whether the shards overlap."""
+    reports = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(scratch.glob("rank-*.json"))]
+    if not reports:
+        return None
+    seen = [set(r["rows"]) for r in reports]
+    return {
+        "ranks": [
+            {k: r[k] for k in ("rank", "world_size", "backend", "parallel_mode", "should_save")}
+            | {"rows": len(r["rows"])}
+            for r in reports
+        ],
+        "rows_seen": len(set().union(*seen)),
+        "rows_on_several_ranks": sum(len(a & b) for i, a in enumerate(seen) for b in seen[i + 1 :]),
+    }
+
+
+def _mode(student: Student) -> str:
+    if student.peft is None:
+        return "full"
+    return "qlora" if student.quantization else "lora"

@@ -1,0 +1,148 @@
+"""Build and run TRL's `SFTTrainer` from a plan file. Runs in the stage's own process, or on every process that
+`accelerate launch` starts (`student.launch`), so everything it needs is in the plan, on disk.
+
+Resume: checkpoints live in `sft.output_dir` inside the stage's work directory, which the runner keeps across a
+killed run, so a rerun continues from the newest complete checkpoint (one whose trainer_state.json is readable;
+the Trainer writes it last, so a checkpoint cut short by a kill is skipped).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from distill import files
+
+log = logging.getLogger(__name__)
+PLAN, RESULT = "plan.json", "result.json"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a training process needs. Written by the stage, read by each process."""
+
+    model: str
+    data: str  # JSONL of {"messages": [...]} rows, already length-checked
+    template: str  # chat template file (with generation markers) set on the tokenizer
+    sft: dict[str, Any]  # resolved `trl.SFTConfig` keyword arguments, output_dir included
+    peft: dict[str, Any] | None  # `peft.LoraConfig` keyword arguments; None = full fine-tuning
+    quantization: str | None
+    save_dir: str  # where the trained model (or adapter) and tokenizer go
+    scratch: str  # where result.json and per-rank reports go
+
+    def write(self, path: Path) -> None:
+        files.write_json(path, asdict(self))
+
+    @classmethod
+    def read(cls, path: Path) -> Plan:
+        return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def build_trainer(plan: Plan) -> Any:
+    """The SFTTrainer for `plan`: the same call a bare TRL script makes, with our tokenizer template and data."""
+    from peft import LoraConfig
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from datasets import Dataset
+
+    tokenizer = AutoTokenizer.from_pretrained(plan.model)
+    tokenizer.chat_template = Path(plan.template).read_text(encoding="utf-8")
+    dataset = Dataset.from_list(list(files.read_jsonl(plan.data)))
+    lora = LoraConfig(**{"task_type": "CAUSAL_LM", **plan.peft}) if plan.peft is not None else None
+    return SFTTrainer(
+        model=plan.model,
+        args=SFTConfig(**plan.sft),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=lora,
+        quantization_config=_quantization(plan.quantization),
+    )
+
+
+def _quantization(quantization: str | None) -> Any:
+    """QLoRA: NF4 base weights with double quantization and bf16 compute (the QLoRA paper's settings)."""
+    if quantization is None:
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+
+
+def last_checkpoint(output_dir: Path) -> Path | None:
+    """Newest `checkpoint-N` whose trainer_state.json parses (the Trainer writes that file last)."""
+    if not output_dir.is_dir():
+        return None
+    for path in sorted(output_dir.glob("checkpoint-*"), key=_step, reverse=True):
+        try:
+            json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            log.warning("%s: incomplete checkpoint (killed while saving?), skipped", path)
+            continue
+        return path
+    return None
+
+
+def _step(path: Path) -> int:
+    suffix = path.name.rpartition("-")[2]
+    return int(suffix) if suffix.isdigit() else -1
+
+
+def train(plan: Plan) -> dict[str, Any] | None:
+    """Train (resuming when a checkpoint exists) and save on the main process. Returns the result on the main
+    process (also written to `scratch/result.json`), None on the others."""
+    trainer = build_trainer(plan)
+    accelerator = trainer.accelerator
+    checkpoint = last_checkpoint(Path(plan.sft["output_dir"]))
+    if checkpoint is not None:
+        log.info("resuming from %s", checkpoint)
+    _report_rank(trainer, Path(plan.scratch))
+    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    trainer.save_model(plan.save_dir)  # writes on the process(es) with args.should_save only
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return None
+    result = {
+        "train_runtime": output.metrics.get("train_runtime"),
+        "global_step": trainer.state.global_step,
+        "epoch": trainer.state.epoch,
+        "log_history": trainer.state.log_history,
+        "world_size": trainer.args.world_size,
+        "resumed_from": checkpoint.name if checkpoint else None,
+    }
+    files.write_json(Path(plan.scratch) / RESULT, result)
+    return result
+
+
+def _report_rank(trainer: Any, scratch: Path) -> None:
+    """With several processes, each one records what it is and which rows it trains on in the first epoch (the
+    sampler is seeded, so this is the order training uses): proof that data parallelism is real, not N copies."""
+    args = trainer.args
+    if args.world_size <= 1:
+        return
+    import torch.distributed as dist
+
+    sampler = trainer.get_train_dataloader().batch_sampler
+    rows = [int(i) for batch in sampler for i in batch]
+    files.write_json(
+        scratch / f"rank-{args.process_index}.json",
+        {
+            "rank": args.process_index,
+            "world_size": args.world_size,
+            "pid": os.getpid(),
+            "backend": dist.get_backend() if dist.is_initialized() else None,
+            "parallel_mode": str(args.parallel_mode),
+            "should_save": args.should_save,
+            "rows": rows,
+        },
+    )

@@ -1,0 +1,48 @@
+"""Data parallelism for real: `accelerate launch` with recipes/accelerate/ddp.yaml runs 2 CPU processes over gloo.
+
+Two independent single-process runs would also exit 0 and save (see ../shared/FACTS.md), so this asserts what only
+real DDP gives: world_size 2 on both ranks, disjoint shards that cover the data, one rank that saves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from student.train import run
+from student_data import addition_rows, context, make_run
+
+
+@pytest.mark.slow
+def test_student_ddp_two_cpu_processes_train_disjoint_shards_and_save_once(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NPROC_PER_NODE", "2")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    sft = {
+        "max_steps": 12,
+        "per_device_train_batch_size": 4,
+        "logging_steps": 2,
+        "learning_rate": 5e-3,
+        "save_steps": 6,
+        "report_to": "none",
+        "seed": 0,
+        "ddp_find_unused_parameters": False,
+    }
+    recipe, runs = make_run(tmp_path, addition_rows(48), {"model": str(tiny_model), "sft": sft, "accelerate": "ddp"})
+    report = run(recipe, ctx=context(runs, recipe, tmp_path / "work"))
+
+    metrics = json.loads((tmp_path / "work" / "metrics.json").read_text())
+    processes = metrics["processes"]
+    assert [r["world_size"] for r in processes["ranks"]] == [2, 2] and metrics["world_size"] == 2
+    assert {r["backend"] for r in processes["ranks"]} == {"gloo"}
+    assert {r["parallel_mode"] for r in processes["ranks"]} == {"ParallelMode.DISTRIBUTED"}
+    assert processes["rows_on_several_ranks"] == 0 and processes["rows_seen"] == 48
+    assert [r["rows"] for r in processes["ranks"]] == [24, 24]
+    assert [r["should_save"] for r in processes["ranks"]] == [True, False]  # only rank 0 writes the model
+    assert metrics["global_step"] == 12 and report.extra["loss_last"] < report.extra["loss_first"]
+    assert metrics["epoch"] == pytest.approx(2.0)  # 12 steps x 2 ranks x 4 rows = 2 epochs of 48: real sharding
+    checkpoints = sorted(p.name for p in (tmp_path / "work" / "checkpoints").glob("checkpoint-*"))
+    assert checkpoints == ["checkpoint-12", "checkpoint-6"]
+    assert (tmp_path / "work" / "model.safetensors").is_file()
