@@ -1,0 +1,58 @@
+"""What the teacher sees and how its answer is normalised, whatever the backend.
+
+R1 conventions (overridable in the recipe): no system prompt, the problem inside `teacher.prompt`, and an assistant
+turn that starts with `teacher.think_prefix` (`<think>\\n`). The stored `completion` always carries that prefix, so
+inline reasoning (offline vLLM), reasoning returned in a separate field (DeepSeek's API, vLLM's reasoning parser)
+and reasoning whose `<think>` was put in the prompt by the server's chat template all end up in one form:
+`<think>\\n…\\n</think>\\n\\n<final answer>`.
+"""
+
+from __future__ import annotations
+
+import string
+
+from distill.errors import RecipeError
+from distill.records import THINK_CLOSE, THINK_OPEN, Problem
+from distill.schema import Teacher
+
+
+def check_template(template: str) -> None:
+    """Fail before any model loads when `teacher.prompt` cannot be filled (stray braces, missing `{problem}`)."""
+    try:
+        filled = template.format(problem="\0")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise RecipeError(
+            f"teacher.prompt: cannot fill the template ({type(exc).__name__}: {exc}); use {{problem}} for the "
+            "problem text and double any other brace, e.g. \\boxed{{}}"
+        ) from None
+    if "\0" not in filled:
+        raise RecipeError("teacher.prompt: the template must contain {problem}")
+
+
+def problem_text(problem: Problem) -> str:
+    """The problem as shown to the teacher: multiple-choice options are listed under it as `A) …`."""
+    if problem.kind != "choice" or not problem.choices:
+        return problem.problem
+    options = "\n".join(f"{string.ascii_uppercase[i]}) {option}" for i, option in enumerate(problem.choices))
+    return f"{problem.problem}\n\n{options}"
+
+
+def messages(problem: Problem, *, teacher: Teacher) -> list[dict[str, str]]:
+    """The chat messages of one problem: an optional system message, then the filled user prompt."""
+    chat = [{"role": "system", "content": teacher.system_prompt}] if teacher.system_prompt else []
+    return [*chat, {"role": "user", "content": teacher.prompt.format(problem=problem_text(problem))}]
+
+
+def normalise_completion(content: str, *, reasoning: str | None, think_prefix: str) -> str:
+    """One completion text from an endpoint's answer.
+
+    - reasoning in a separate field → `<think>\\n{reasoning}\\n</think>\\n\\n{content}`;
+    - content that opens its own `<think>` → kept as is;
+    - otherwise the server's chat template forced the prefix into the prompt (R1's template does), so the
+      prefix is put back in front, as offline generation stores it.
+    """
+    if reasoning is not None:
+        return f"{THINK_OPEN}\n{reasoning.strip(chr(10))}\n{THINK_CLOSE}\n\n{content.lstrip(chr(10))}"
+    if content.lstrip().startswith(THINK_OPEN) or not think_prefix:
+        return content
+    return think_prefix + content

@@ -1,0 +1,273 @@
+"""The `openai` backend: a real vLLM OpenAI-compatible server on 127.0.0.1, plus a loopback fault injector (the only
+fake, standing at the network edge) that answers 429, 500, a hang, a garbled body and a dropped connection."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+
+from distill import files, pipeline
+from distill.errors import DistillError
+from distill.schema import Recipe
+
+PREFIX = "<think>\n"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _recipe(data: Path, *, base_url: str, model: str, n: int = 2, **endpoint) -> Recipe:
+    return Recipe.model_validate(
+        {
+            "name": "api",
+            "data": {"spec": "local_jsonl", "path": str(data)},
+            "teacher": {
+                "backend": "openai",
+                "model": model,
+                "sampling": {"n": n, "max_tokens": 8, "top_k": 20},
+                "endpoint": {"base_url": base_url, "api_key_env": "DISTILL_TEST_KEY", **endpoint},
+            },
+        }
+    )
+
+
+def _run(recipe: Recipe, runs: Path):
+    return pipeline.run_stage(recipe, "generate", runs_dir=runs, options=pipeline.StageOptions(progress=False))
+
+
+def _rows(runs: Path) -> list[dict]:
+    return [r for path in sorted((runs / "api" / "generate").glob("*.jsonl")) for r in files.read_jsonl(path)]
+
+
+@pytest.fixture
+def problems(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("DISTILL_TEST_KEY", "secret-for-tests")
+    path = tmp_path / "problems.jsonl"
+    files.write_jsonl(path, [{"problem": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(3)])
+    return path
+
+
+class FaultInjector(BaseHTTPRequestHandler):
+    """Answers chat completions from a script of faults, then succeeds; records every request it was sent."""
+
+    script: ClassVar[list[str]] = []
+    received: ClassVar[list[dict]] = []
+    succeeded: ClassVar[int] = 0
+
+    def log_message(self, *args) -> None:  # keep pytest output clean
+        pass
+
+    def do_GET(self) -> None:
+        self._send(200, json.dumps({"object": "list", "data": [{"id": "teacher", "object": "model"}]}))
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).received.append({"body": body, "auth": self.headers["Authorization"]})
+        fault = type(self).script.pop(0) if type(self).script else "ok"
+        if fault == "hang":
+            time.sleep(1.5)  # past the client's timeout
+            return
+        if fault == "drop":
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        if fault in ("429", "500"):
+            self._send(int(fault), json.dumps({"error": {"message": f"injected {fault}"}}))
+        elif fault == "garbled":
+            self._send(200, '{"id": "x", "choices": [{"mess')
+        else:
+            type(self).succeeded += 1
+            self._send(200, json.dumps(_completion(len(type(self).received))))
+
+    def _send(self, status: int, text: str) -> None:
+        payload = text.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+
+def _completion(index: int) -> dict:
+    # DeepSeek's API names the field `reasoning_content`; vLLM >= 0.11 with a reasoning parser names it `reasoning`.
+    field = "reasoning_content" if index % 2 else "reasoning"
+    message = {"role": "assistant", "content": "\\boxed{2}", field: f"thinking {index}"}
+    return {
+        "id": f"c{index}",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "teacher",
+        "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18},
+    }
+
+
+@pytest.fixture
+def injector() -> Iterator[str]:
+    FaultInjector.script, FaultInjector.received, FaultInjector.succeeded = [], [], 0
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FaultInjector)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+def test_faults_are_retried_counted_and_lose_nothing(problems: Path, tmp_path: Path, injector: str):
+    FaultInjector.script = ["ok", "429", "500", "hang", "garbled", "drop"]  # up, then flapping mid-run
+    recipe = _recipe(
+        problems,
+        base_url=injector,
+        model="teacher",
+        max_concurrency=1,
+        timeout_s=0.5,
+        backoff_s=0.01,
+        price_input_per_m=2.0,
+        price_output_per_m=10.0,
+    )
+    manifest = _run(recipe, tmp_path / "runs")
+    assert manifest.extra["retries"] == {
+        "rate_limited": 1,
+        "server_error": 1,
+        "timeout": 1,
+        "malformed": 1,
+        "connection": 1,
+    }
+    assert manifest.counts == {"in": 3, "out": 3, "dropped": {}, "traces": 6}
+    rows = _rows(tmp_path / "runs")
+    assert sorted((r["problem"], r["sample"]) for r in rows) == [
+        (f"What is {i} + 1?", s) for i in range(3) for s in range(2)
+    ]
+    for row in rows:  # reasoning_content normalised into the <think> form, then split back
+        assert row["completion"] == f"{PREFIX}{row['reasoning']}\n</think>\n\n\\boxed{{2}}"
+        assert row["reasoning"].startswith("thinking ") and row["final"] == "\\boxed{2}"
+        assert (row["prompt_tokens"], row["completion_tokens"], row["finish_reason"]) == (11, 7, "stop")
+    assert manifest.extra["cost_usd"] == pytest.approx((6 * 11 * 2.0 + 6 * 7 * 10.0) / 1e6)
+    sent = FaultInjector.received
+    assert len(sent) == 6 + 5  # one request per sample, plus one per injected fault
+    assert all(s["auth"] == "Bearer secret-for-tests" for s in sent)
+    for request in sent:  # what went over the wire: R1 chat, one sample each, sampling keys passed through
+        body = request["body"]
+        assert (body["model"], body["n"], body["max_tokens"], body["top_k"]) == ("teacher", 1, 8, 20)
+        assert body["temperature"] == 0.6 and body["top_p"] == 0.95
+    prompts = {recipe.teacher.prompt.format(problem=f"What is {i} + 1?") for i in range(3)}
+    assert {json.dumps(s["body"]["messages"]) for s in sent} == {
+        json.dumps([{"role": "user", "content": p}]) for p in prompts
+    }
+
+
+def test_exhausted_retries_stop_with_one_error_and_keep_finished_problems(problems, tmp_path, injector):
+    FaultInjector.script = ["ok"] + ["500"] * 6  # two problems in flight share the failures
+    recipe = _recipe(
+        problems, base_url=injector, model="teacher", n=1, max_concurrency=1, max_retries=2, backoff_s=0.01
+    )
+    with pytest.raises(
+        DistillError, match=rf"{injector}: problem \w+ sample 0 failed 3 times, last with server_error"
+    ):
+        _run(recipe, tmp_path / "runs")
+    (work,) = (tmp_path / "runs" / "api" / ".work").glob("generate-*")
+    assert len(list(files.read_jsonl(work / "shard-0-of-1.jsonl"))) == 1  # the finished problem is on disk
+    manifest = _run(recipe, tmp_path / "runs")  # the rerun continues: two problems left
+    assert (
+        manifest.counts["out"] == 3
+        and len({r["id"] for r in _rows(tmp_path / "runs")}) == len(_rows(tmp_path / "runs")) == 3
+    )
+    assert FaultInjector.succeeded == 3  # the finished problem was not asked again
+
+
+def test_endpoint_down_at_start_names_the_url(problems: Path, tmp_path: Path):
+    url = f"http://127.0.0.1:{_free_port()}/v1"
+    with pytest.raises(DistillError, match=rf"teacher endpoint {url} is not usable: APIConnectionError"):
+        _run(_recipe(problems, base_url=url, model="teacher"), tmp_path / "runs")
+
+
+def test_missing_key_variable_is_named(problems: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("DISTILL_TEST_KEY")
+    with pytest.raises(DistillError, match="environment variable DISTILL_TEST_KEY is not set"):
+        _run(_recipe(problems, base_url="http://127.0.0.1:9/v1", model="teacher"), tmp_path / "runs")
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The real `vllm.entrypoints.openai.api_server` serving the tiny model on loopback (one per module)."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    command = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(tiny_model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+        "--max-model-len",
+        "512",
+        "--kv-cache-memory-bytes",
+        "268435456",
+    ]
+    env = {**os.environ, "VLLM_CACHE_ROOT": str(log.parent / "vllm-cache")}
+    with log.open("w") as out:
+        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"vLLM server did not start:\n{log.read_text()[-3000:]}")
+            try:
+                urllib.request.urlopen(f"{url}/models", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_real_vllm_server_through_openai_backend(problems: Path, tmp_path: Path, vllm_server: str, tiny_model):
+    from transformers import AutoTokenizer
+
+    recipe = _recipe(
+        problems,
+        base_url=vllm_server,
+        model=str(tiny_model),
+        max_concurrency=4,
+        price_input_per_m=0.55,
+        price_output_per_m=2.19,
+    )
+    manifest = _run(recipe, tmp_path / "runs")
+    assert manifest.counts == {"in": 3, "out": 3, "dropped": {}, "traces": 6}
+    assert manifest.extra["retries_total"] == 0
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    rows = _rows(tmp_path / "runs")
+    for row in rows:
+        assert row["completion"].startswith(PREFIX) and row["teacher"] == str(tiny_model)
+        text = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        assert row["prompt_tokens"] == len(tokenizer.encode(text, add_special_tokens=False))
+        assert row["finish_reason"] in ("length", "stop") and 0 < row["completion_tokens"] <= 8
+        assert row["finish_reason"] == "stop" or row["completion_tokens"] == 8
+    tokens_in = sum(r["prompt_tokens"] for r in rows)
+    tokens_out = sum(r["completion_tokens"] for r in rows)
+    assert manifest.extra["cost_usd"] == pytest.approx((tokens_in * 0.55 + tokens_out * 2.19) / 1e6, abs=1e-4)
