@@ -44,6 +44,7 @@ class Stage:
     needs: str  # recipe section that must be present for the stage to be configured
     issue: int  # where its implementation is tracked, for "not built yet"
     reads: Callable[[Recipe, StageOptions], tuple[str, ...]] | None = None  # upstream actually read, if it varies
+    operational: tuple[str, ...] = ()  # dotted paths inside `sections` that change how, not what: not hashed
 
     def upstream_read(self, recipe: Recipe, options: StageOptions) -> tuple[str, ...]:
         return self.reads(recipe, options) if self.reads else self.upstream
@@ -57,7 +58,11 @@ def _eval_reads(recipe: Recipe, options: StageOptions) -> tuple[str, ...]:
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
-        Stage("generate", "teacher.generate", ("data", "teacher"), (), "teacher", 3),
+        # Endpoint URL, concurrency, timeouts, retries and prices change how traces are fetched, not which: a
+        # generation resumes across them (e.g. shards talking to different servers).
+        Stage(
+            "generate", "teacher.generate", ("data", "teacher"), (), "teacher", 3, operational=("teacher.endpoint",)
+        ),
         Stage("filter", "distill.filter", ("filter", "student.model"), ("generate",), "filter", 4),
         Stage("train", "student.train", ("student",), ("filter",), "student", 5),
         Stage(
@@ -119,7 +124,16 @@ def configured(recipe: Recipe, stage: Stage) -> bool:
 
 
 def section_hash(recipe: Recipe, stage: Stage, options: StageOptions) -> str:
-    return canonical_hash({"sections": {s: section(recipe, s) for s in stage.sections}, **options.fingerprint()})
+    sections = {s: section(recipe, s) for s in stage.sections}
+    for dotted in stage.operational:
+        head, _, rest = dotted.partition(".")
+        node = sections.get(head)
+        *parents, leaf = rest.split(".")
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return canonical_hash({"sections": sections, **options.fingerprint()})
 
 
 def input_hash(recipe: Recipe, stage: Stage, run_dir: Path, options: StageOptions) -> tuple[str, dict[str, Path]]:

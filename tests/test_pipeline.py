@@ -165,3 +165,22 @@ def test_read_jsonl_tolerates_only_a_torn_last_line(tmp_path):
     path.write_text('{"a": 1}\n{"a": \n{"a": 3}\n')
     with pytest.raises(files.DataError, match=rf"^{path}:2: not valid JSON"):
         list(files.read_jsonl(path, allow_torn_tail=True))
+
+
+def test_pipeline_endpoint_settings_do_not_change_the_generate_fingerprint(tmp_path):
+    recipe_path = tmp_path / "r.yaml"
+    recipe_path.write_text(
+        "name: t\ndata: {spec: local_jsonl, path: x.jsonl}\nteacher:\n  backend: openai\n  model: deepseek-reasoner\n"
+        "  endpoint: {base_url: 'http://127.0.0.1:8000/v1'}\n"
+    )
+    generate = pipeline.STAGES["generate"]
+
+    def fingerprint(*overrides):
+        return pipeline.section_hash(load_recipe(recipe_path, overrides=overrides), generate, OPTS)
+
+    base = fingerprint()
+    assert (
+        fingerprint("teacher.endpoint.base_url=http://10.0.0.7:8000/v1", "teacher.endpoint.max_concurrency=8") == base
+    )
+    assert fingerprint("teacher.sampling.temperature=0.7") != base
+    assert fingerprint("teacher.model=other") != base
