@@ -1,0 +1,85 @@
+"""Per-problem selection: the pass-rate band and which correct traces of a problem to keep.
+
+Both need every sample of a problem judged first, so the stage runs them in a second streaming pass over the
+verified candidates. Pass one feeds `observe`, which keeps only a few integers per problem (and at most k candidate
+keys), so memory grows with the number of problems, never with the number of traces.
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import Any
+
+from distill.filter.steps import Step
+
+
+class ProblemStats:
+    """Samples and correct samples per problem, and the k best candidate keys per problem for a selection rule."""
+
+    def __init__(self, *, rule: str, k: int | None) -> None:
+        self.rule, self.k = rule, k
+        self.samples: dict[str, list[int]] = {}  # pid -> [samples judged, correct]
+        self.best: dict[str, list[tuple[Any, ...]]] = {}  # pid -> heap of (negated key, seq), the k best candidates
+
+    def observe(self, record: dict[str, Any], *, seq: int, correct: bool | None, candidate: bool) -> None:
+        counts = self.samples.setdefault(record["id"], [0, 0])
+        counts[0] += 1
+        counts[1] += bool(correct)
+        if candidate and (self.rule != "all_correct" or self.k is not None):
+            key = self._key(record, seq)
+            heap = self.best.setdefault(record["id"], [])
+            entry = (tuple(-x for x in key), seq)
+            limit = 1 if self.rule == "first_correct" else (self.k or 1)
+            if len(heap) < limit:
+                heapq.heappush(heap, entry)
+            elif entry > heap[0]:
+                heapq.heapreplace(heap, entry)
+
+    def _key(self, record: dict[str, Any], seq: int) -> tuple[int, ...]:
+        if self.rule == "shortest_correct":
+            return (int(record.get("completion_tokens") or 0), int(record.get("sample") or 0), seq)
+        return (int(record.get("sample") or 0), seq)
+
+    def pass_rate(self, pid: str) -> float:
+        total, correct = self.samples.get(pid, (0, 0))
+        return correct / total if total else 0.0
+
+    def selected(self, pid: str, seq: int) -> bool:
+        if self.rule == "all_correct" and self.k is None:
+            return True
+        return any(s == seq for _, s in self.best.get(pid, ()))
+
+
+class PassRateBand(Step):
+    """Keep problems whose teacher pass rate lies in [lo, hi]: drop the trivially easy and the hopeless."""
+
+    name, reasons = "pass_rate_band", ("pass_rate_out_of_band",)
+
+    def __init__(self, stats: ProblemStats, *, band: tuple[float, float]) -> None:
+        self.stats, self.band = stats, band
+
+    def check(self, record: dict[str, Any]) -> str | None:
+        if record["kind"] == "none":
+            return None  # unverifiable: no pass rate to judge by
+        lo, hi = self.band
+        return None if lo <= self.stats.pass_rate(record["id"]) <= hi else "pass_rate_out_of_band"
+
+
+class Selection(Step):
+    """all_correct | first_correct (lowest sample index) | shortest_correct (fewest completion tokens), capped at
+    `max_per_problem`. Ties go to the lower sample index, then to the earlier trace in the input."""
+
+    name, reasons = "selection", ("not_selected",)
+
+    def __init__(self, stats: ProblemStats) -> None:
+        self.stats = stats
+
+    def check(self, record: dict[str, Any]) -> str | None:
+        return None if self.stats.selected(record["id"], record["_seq"]) else "not_selected"
+
+
+def selection_steps(config: Any, stats: ProblemStats) -> list[Step]:
+    steps: list[Step] = []
+    if config.pass_rate is not None:
+        steps.append(PassRateBand(stats, band=config.pass_rate))
+    return [*steps, Selection(stats)]
