@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 R1_PROMPT = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
 # DeepSeek-R1's sampling protocol (R1 paper, section 3): used for generation and for evaluation.
@@ -197,6 +197,14 @@ class Eval(Section):
     pass_k: list[int] = Field(default_factory=lambda: [1], description="k values for the unbiased pass@k estimator.")
     compare_base: bool = Field(False, description="Also score `student.model` (the untrained base) for comparison.")
     _merge_sampling = field_validator("sampling", mode="before")(_merge_defaults(R1_SAMPLING))
+
+    @model_validator(mode="after")
+    def _k_within_samples(self) -> Eval:
+        n = self.sampling.get("n", 1)
+        too_big = [k for k in self.pass_k if k > n]
+        if too_big:
+            raise ValueError(f"pass_k {too_big} exceeds sampling.n={n}, the samples drawn per problem")
+        return self
 
     @field_validator("benchmarks", mode="before")
     @classmethod
