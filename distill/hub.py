@@ -17,6 +17,7 @@ from typing import Any
 
 from distill import files
 from distill.hub_cards import dataset_card, lineage, model_card
+from distill.manifest import canonical_hash
 from distill.pipeline import StageContext, StageReport
 from distill.schema import Recipe
 
@@ -32,10 +33,15 @@ def make_api() -> Any:
     return HfApi()
 
 
+def default_revision(recipe: Recipe) -> str:
+    """The branch a run pushes to: `hub.revision`, or one named after the run and its recipe hash."""
+    return recipe.hub.revision or f"run-{recipe.name}-{canonical_hash(recipe.model_dump(mode='json'))[:8]}"
+
+
 def run(recipe: Recipe, *, ctx: StageContext) -> StageReport:
     hub = recipe.hub
     facts = lineage(recipe, ctx.run_dir)
-    revision = hub.revision or f"run-{recipe.name}-{facts['recipe_hash'][:8]}"
+    revision = default_revision(recipe)
     staged: dict[str, tuple[str, str, Path]] = {}
     if hub.dataset_repo:
         folder = stage_dataset(recipe, ctx.inputs["filter"], ctx.work_dir / "dataset", facts=facts)
@@ -88,19 +94,35 @@ def stage_model(recipe: Recipe, train_dir: Path, eval_dir: Path | None, out: Pat
 
 
 def push(staged: dict[str, tuple[str, str, Path]], *, revision: str, private: bool) -> list[dict[str, str]]:
-    """Create each repo (if needed) and a branch for this run, then upload the staged folder to that branch."""
+    """Upload each staged folder to its repo's branch for this run."""
+    return [
+        upload(folder, repo_id=repo_id, repo_type=repo_type, revision=revision, private=private)
+        for repo_id, repo_type, folder in staged.values()
+    ]
+
+
+def upload(
+    folder: Path,
+    *,
+    repo_id: str,
+    repo_type: str,
+    revision: str,
+    private: bool,
+    ignore_patterns: list[str] | None = None,
+) -> dict[str, str]:
+    """Create the repo (if needed) and the branch, then upload `folder` to that branch. Also used by the student
+    to push each checkpoint to its own branch while it trains (`hub.push_checkpoints`)."""
     api = make_api()
-    sent = []
-    for repo_id, repo_type, folder in staged.values():
-        api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
-        api.create_branch(repo_id, branch=revision, repo_type=repo_type, exist_ok=True)
-        info = api.upload_folder(
-            repo_id=repo_id,
-            folder_path=str(folder),
-            repo_type=repo_type,
-            revision=revision,
-            commit_message=f"distill: {folder.name} from run {revision}",
-        )
-        sent.append({"repo": repo_id, "type": repo_type, "revision": revision, "commit": str(info)})
-        log.info("pushed %s %s@%s", repo_type, repo_id, revision)
-    return sent
+    api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
+    api.create_branch(repo_id, branch=revision, repo_type=repo_type, exist_ok=True)
+    extra = {"ignore_patterns": ignore_patterns} if ignore_patterns else {}
+    info = api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(folder),
+        repo_type=repo_type,
+        revision=revision,
+        commit_message=f"distill: {folder.name} from run {revision}",
+        **extra,
+    )
+    log.info("pushed %s %s@%s", repo_type, repo_id, revision)
+    return {"repo": repo_id, "type": repo_type, "revision": revision, "commit": str(info)}

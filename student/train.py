@@ -29,6 +29,7 @@ from distill.errors import DataError, DistillError, RecipeError
 from distill.pipeline import StageContext, StageReport
 from distill.schema import Recipe, Student
 from student import launch, outputs, preflight, rows, template
+from student.checkpoints import checkpoint_target
 from student.merge import merge_adapter
 from student.trainer import PLAN, RESULT, Plan, train
 
@@ -58,7 +59,7 @@ def run(recipe: Recipe, *, ctx: StageContext) -> StageReport:
             f"{ctx.inputs['filter'] / KEPT}: all {fitted.seen} rows are longer than {setup.limit} tokens "
             f"({fitted.dropped}); raise student.sft.max_length or set student.overlong: truncate"
         )
-    plan = _write_plan(student, setup, fitted, work_dir=ctx.work_dir)
+    plan = _write_plan(student, setup, fitted, work_dir=ctx.work_dir, push_checkpoints=checkpoint_target(recipe))
     log.info(
         "train: %d rows (%d dropped: %s, %d to truncate), %s tokens per epoch, %s, template %s, EOS %s",
         len(fitted.conversations),
@@ -163,7 +164,9 @@ def _scratch(work_dir: Path) -> Path:
     return work_dir / SCRATCH if rank == 0 else work_dir.with_name(f"{work_dir.name}{SCRATCH}-node{rank}")
 
 
-def _write_plan(student: Student, setup: Setup, fitted: rows.Rows, *, work_dir: Path) -> Plan:
+def _write_plan(
+    student: Student, setup: Setup, fitted: rows.Rows, *, work_dir: Path, push_checkpoints: dict[str, Any] | None
+) -> Plan:
     scratch = _scratch(work_dir)
     if scratch.exists():
         shutil.rmtree(scratch)
@@ -180,6 +183,7 @@ def _write_plan(student: Student, setup: Setup, fitted: rows.Rows, *, work_dir: 
         quantization=student.quantization,
         save_dir=str(work_dir / ADAPTER if merged else work_dir),
         scratch=str(scratch),
+        push_checkpoints=push_checkpoints,
     )
     plan.write(scratch / PLAN)
     return plan

@@ -33,6 +33,7 @@ class Plan:
     quantization: str | None
     save_dir: str  # where the trained model (or adapter) and tokenizer go
     scratch: str  # where result.json and per-rank reports go
+    push_checkpoints: dict[str, Any] | None = None  # PushCheckpoints arguments (hub.push_checkpoints), or None
 
     def write(self, path: Path) -> None:
         files.write_json(path, asdict(self))
@@ -49,11 +50,13 @@ def build_trainer(plan: Plan) -> Any:
     from trl import SFTConfig, SFTTrainer
 
     from datasets import Dataset
+    from student.checkpoints import PushCheckpoints
 
     tokenizer = AutoTokenizer.from_pretrained(plan.model)
     tokenizer.chat_template = Path(plan.template).read_text(encoding="utf-8")
     dataset = Dataset.from_list(list(files.read_jsonl(plan.data)))
     lora = LoraConfig(**{"task_type": "CAUSAL_LM", **plan.peft}) if plan.peft is not None else None
+    callbacks = [PushCheckpoints(**plan.push_checkpoints)] if plan.push_checkpoints else None
     return SFTTrainer(
         model=plan.model,
         args=SFTConfig(**plan.sft),
@@ -61,6 +64,7 @@ def build_trainer(plan: Plan) -> Any:
         processing_class=tokenizer,
         peft_config=lora,
         quantization_config=_quantization(plan.quantization),
+        callbacks=callbacks,
     )
 
 
