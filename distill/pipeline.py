@@ -50,6 +50,23 @@ class Stage:
         return self.reads(recipe, options) if self.reads else self.upstream
 
 
+# Endpoint URL, key variable, concurrency, timeouts, retries and prices change how traces are fetched, not which:
+# a generation resumes across them (e.g. shards talking to different servers).
+ENDPOINT_HOW = tuple(
+    f"teacher.endpoint.{key}"
+    for key in (
+        "base_url",
+        "api_key_env",
+        "max_concurrency",
+        "timeout_s",
+        "max_retries",
+        "backoff_s",
+        "price_input_per_m",
+        "price_output_per_m",
+    )
+)
+
+
 def _eval_reads(recipe: Recipe, options: StageOptions) -> tuple[str, ...]:
     """Eval reads the train output only when no other model is named (`--model` or `eval.model`)."""
     return () if options.model or (recipe.eval and recipe.eval.model) else ("train",)
@@ -58,11 +75,7 @@ def _eval_reads(recipe: Recipe, options: StageOptions) -> tuple[str, ...]:
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
-        # Endpoint URL, concurrency, timeouts, retries and prices change how traces are fetched, not which: a
-        # generation resumes across them (e.g. shards talking to different servers).
-        Stage(
-            "generate", "teacher.generate", ("data", "teacher"), (), "teacher", 3, operational=("teacher.endpoint",)
-        ),
+        Stage("generate", "teacher.generate", ("data", "teacher"), (), "teacher", 3, operational=ENDPOINT_HOW),
         Stage("filter", "distill.filter", ("filter", "student.model"), ("generate",), "filter", 4),
         Stage("train", "student.train", ("student",), ("filter",), "student", 5),
         Stage(

@@ -56,6 +56,11 @@ class Endpoint(Section):
     backoff_s: float = Field(
         1.0, gt=0, description="First retry delay in seconds; doubles per retry, with full jitter, capped at 60 s."
     )
+    continue_final_message: bool = Field(
+        False,
+        description="Force `think_prefix` server-side: send it as a partial assistant turn for the server to continue "
+        "(vLLM/SGLang chat option of that name). Off for APIs whose template forces it (DeepSeek's).",
+    )
     price_input_per_m: float = Field(0.0, ge=0, description="USD per million prompt tokens, for the cost estimate.")
     price_output_per_m: float = Field(0.0, ge=0, description="USD per million completion tokens.")
 

@@ -152,6 +152,11 @@ def _arguments(chat: list[dict[str, str]], sample: int, *, teacher: Teacher) -> 
         sampling["seed"] += sample  # same seed on every sample would give n copies of one answer
     extra = {k: v for k, v in sampling.items() if k not in OPENAI_KEYS}
     args = {k: v for k, v in sampling.items() if k in OPENAI_KEYS}
+    if teacher.endpoint is not None and teacher.endpoint.continue_final_message and teacher.think_prefix:
+        # The server renders the chat template up to the open assistant turn holding the prefix and continues it;
+        # the reply then lacks the prefix, which normalise_completion puts back, as offline generation stores it.
+        chat = [*chat, {"role": "assistant", "content": teacher.think_prefix}]
+        extra = {**extra, "continue_final_message": True, "add_generation_prompt": False}
     return {"model": teacher.model, "messages": chat, "n": 1, **args, **({"extra_body": extra} if extra else {})}
 
 

@@ -184,3 +184,4 @@ def test_pipeline_endpoint_settings_do_not_change_the_generate_fingerprint(tmp_p
     )
     assert fingerprint("teacher.sampling.temperature=0.7") != base
     assert fingerprint("teacher.model=other") != base
+    assert fingerprint("teacher.endpoint.continue_final_message=true") != base, "forcing the prefix changes traces"

@@ -271,3 +271,22 @@ def test_real_vllm_server_through_openai_backend(problems: Path, tmp_path: Path,
     tokens_in = sum(r["prompt_tokens"] for r in rows)
     tokens_out = sum(r["completion_tokens"] for r in rows)
     assert manifest.extra["cost_usd"] == pytest.approx((tokens_in * 0.55 + tokens_out * 2.19) / 1e6, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_real_vllm_server_continues_the_forced_think_prefix(
+    problems: Path, tmp_path: Path, vllm_server: str, tiny_model
+):
+    from transformers import AutoTokenizer
+
+    recipe = _recipe(problems, base_url=vllm_server, model=str(tiny_model), continue_final_message=True)
+    _run(recipe, tmp_path / "runs")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    rows = _rows(tmp_path / "runs")
+    assert rows
+    for row in rows:
+        assert row["completion"].startswith(PREFIX) and row["prompt"][-1]["role"] == "user", "stored as offline"
+        text = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True) + PREFIX
+        assert row["prompt_tokens"] == len(tokenizer.encode(text, add_special_tokens=False)), (
+            "the server saw the open assistant turn with the prefix in its prompt"
+        )
