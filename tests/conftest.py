@@ -32,6 +32,27 @@ TINY_ENGINE = {
 }
 
 
+def finish_stage(stage_dir: Path, counts: dict) -> None:
+    """Mark a hand-made stage directory finished, as the runner would (a manifest over its current files)."""
+    from distill import files
+    from distill.manifest import Manifest, write_manifest
+
+    write_manifest(
+        stage_dir,
+        Manifest(
+            stage=stage_dir.name,
+            recipe=stage_dir.parent.name,
+            section_hash="s",
+            input_hash="i",
+            output_hash=files.sha256_tree(stage_dir),
+            counts=counts,
+            started_at="",
+            finished_at="",
+            wall_s=0.0,
+        ),
+    )
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-init Qwen2 (hidden 64, 2 layers, head_dim 32) with a digit-level tokenizer and chat template."""

@@ -12,8 +12,8 @@ from typing import Any
 
 import yaml
 
+from conftest import finish_stage
 from distill import files
-from distill.manifest import Manifest, write_manifest
 from distill.pipeline import StageContext, StageOptions
 from distill.recipe import load_recipe
 from distill.schema import Recipe
@@ -61,20 +61,7 @@ def make_run(
     runs = tmp / "runs"
     filter_dir = runs / name / "filter"
     files.write_jsonl(filter_dir / "kept.jsonl", rows)
-    write_manifest(
-        filter_dir,
-        Manifest(
-            stage="filter",
-            recipe=name,
-            section_hash="s",
-            input_hash="i",
-            output_hash=files.sha256_tree(filter_dir),
-            counts={"in": len(rows), "out": len(rows), "dropped": {}},
-            started_at="",
-            finished_at="",
-            wall_s=0.0,
-        ),
-    )
+    finish_stage(filter_dir, {"in": len(rows), "out": len(rows), "dropped": {}})
     recipe_path = tmp / f"{name}.yaml"
     recipe_path.write_text(yaml.safe_dump({"name": name, "data": {"spec": "gsm8k"}, "student": student}))
     return load_recipe(recipe_path), runs

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import finish_stage
 from distill import cli, files, pipeline
 from distill.errors import DataError
-from distill.manifest import Manifest, read_manifest, write_manifest
+from distill.manifest import Manifest, read_manifest
 from distill.records import problem_id, split_reasoning
 from distill.schema import Recipe
 
@@ -56,20 +57,7 @@ def place_generate(runs: Path, name: str, rows: list[dict]) -> None:
     """A finished generate stage (traces + manifest), as the teacher would leave it."""
     out = runs / name / "generate"
     files.write_jsonl(out / "traces.jsonl", rows)
-    write_manifest(
-        out,
-        Manifest(
-            stage="generate",
-            recipe=name,
-            section_hash="s",
-            input_hash="i",
-            output_hash=files.sha256_tree(out),
-            counts={"in": len(rows), "out": len(rows)},
-            started_at="",
-            finished_at="",
-            wall_s=0.0,
-        ),
-    )
+    finish_stage(out, {"in": len(rows), "out": len(rows)})
 
 
 def recipe(name: str = "t", **filter_section) -> Recipe:

@@ -14,8 +14,8 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 import datasets
+from conftest import finish_stage
 from distill import files, hub, pipeline
-from distill.manifest import Manifest, write_manifest
 from distill.recipe import load_recipe
 
 TOKEN = "hf_SeCrEtT0kenThatMustNeverBeWritten"
@@ -45,22 +45,7 @@ class RecordingHfApi:
 
 
 def _finish(run_dir, stage, counts):
-    """Mark a hand-made stage directory finished, as the runner would."""
-    folder = run_dir / stage
-    write_manifest(
-        folder,
-        Manifest(
-            stage=stage,
-            recipe=run_dir.name,
-            section_hash="s",
-            input_hash="i",
-            output_hash=files.sha256_tree(folder),
-            counts=counts,
-            started_at="t0",
-            finished_at="t1",
-            wall_s=1.0,
-        ),
-    )
+    finish_stage(run_dir / stage, counts)
 
 
 @pytest.fixture
