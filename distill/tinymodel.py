@@ -32,6 +32,15 @@ CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
+# `vllm.LLM` settings that serve a tiny model fast on a CPU (../shared/FACTS.md): no CUDA graphs, fp32 (bf16 is
+# ~3x slower on CPUs without AMX), an explicit KV cache size (the start-up memory check misreads some NUMA reports).
+CPU_ENGINE = {
+    "enforce_eager": True,
+    "dtype": "float32",
+    "kv_cache_memory_bytes": 256 * 2**20,
+    "max_model_len": 1024,
+    "seed": 0,
+}
 DEFAULT_CORPUS = [
     "What is 12 + 35? Please reason step by step, and put your final answer within \\boxed{}.",
     "<think>\nFirst add the ones: 2 + 5 = 7. Then the tens: 1 + 3 = 4. So the sum is 47.\n</think>\n\n\\boxed{47}",

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from distill.tinymodel import CPU_ENGINE
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 
@@ -23,13 +25,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 # `teacher.engine` / `eval.engine` settings that make a tiny model servable by vLLM on CPU, fast.
-TINY_ENGINE = {
-    "enforce_eager": True,
-    "dtype": "float32",
-    "kv_cache_memory_bytes": 256 * 2**20,
-    "max_model_len": 1024,
-    "seed": 0,
-}
+TINY_ENGINE = dict(CPU_ENGINE)
 
 
 def finish_stage(stage_dir: Path, counts: dict) -> None:
