@@ -36,7 +36,7 @@ bench: install
 	set -e; for bench in bench/*.py; do $(PY) $$bench; done
 
 demo: install
-	$(DISTILL) run recipes/demo.yaml $(ARGS)
+	$(DISTILL) demo run recipes/demo.yaml $(ARGS)
 
 generate filter train eval push status: install
 	$(DISTILL) $@ $(RECIPE) $(ARGS)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -102,6 +104,22 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("adapter", type=Path, help="folder with adapter_config.json")
     merge.add_argument("out", type=Path, help="folder for the merged model")
     merge.add_argument("--base", help="base model (default: the adapter's base_model_name_or_path)")
+    demo = sub.add_parser("demo", help="the offline demo: prepare its teacher, run the ablation, write the report")
+    demo.add_argument(
+        "action",
+        choices=["prepare", "ablate", "run"],
+        help="prepare: problems + tiny teacher/student; ablate: the distill run and the comparison runs, then "
+        "runs/<name>/report.md; run: prepare, then ablate",
+    )
+    _recipe_args(demo)
+    for flag, help_text in (
+        ("--problems", "distillation problems to write"),
+        ("--heldout", "held-out problems to write"),
+        ("--teacher-problems", "gold-trace problems the teacher trains on"),
+        ("--teacher-steps", "SFT steps of the teacher"),
+        ("--seed", "seed of the problem splits and models"),
+    ):
+        demo.add_argument(flag, type=int, help=f"{help_text} (default: distill.demo.prepare.Settings)")
     tiny = sub.add_parser("tiny-model", help="write a small random-init causal LM with a locally trained tokenizer")
     tiny.add_argument("out", type=Path)
     tiny.add_argument("--arch", choices=["qwen2", "llama"], default="qwen2")
@@ -114,8 +132,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _cpu_defaults() -> None:
+    """On machines without an NVIDIA driver, run vLLM's engine in-process (ready in seconds instead of ~40 s) and
+    bind its messaging to loopback (multiprocess mode otherwise picks a non-loopback address). Settings in the
+    environment win."""
+    if shutil.which("nvidia-smi") is None:
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _cpu_defaults()
     logging.basicConfig(
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -141,6 +169,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         "tiny-model": commands.tiny_model,
         "verify": commands.verify,
         "merge": commands.merge,
+        "demo": commands.demo,
     }.get(args.command, commands.stage)
     return handler(args)
 

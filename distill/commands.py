@@ -98,6 +98,12 @@ def tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def demo(args: argparse.Namespace) -> int:
+    from distill.demo.command import main
+
+    return main(args, recipe=_load(args), options=_options(args))
+
+
 def verify(args: argparse.Namespace) -> int:
     """Standalone verifier (issue #4): implemented in distill.filter.standalone."""
     standalone = _optional("distill.filter.standalone", "verify", issue=4)

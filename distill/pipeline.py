@@ -101,8 +101,10 @@ class StageOptions:
     dry_run: bool = False  # push: stage the repo folders without network
     progress: bool = True  # progress bars (off for --no-progress and non-TTY runs)
 
-    def fingerprint(self) -> dict[str, Any]:
-        return {"model": self.model, "dry_run": self.dry_run}
+    def fingerprint(self, stage: str) -> dict[str, Any]:
+        """The options that change this stage's output: `--model` for eval, `--dry-run` for push, none elsewhere
+        (so `distill run --dry-run` reuses the generate/filter/train/eval outputs of a plain `distill run`)."""
+        return {"eval": {"model": self.model}, "push": {"dry_run": self.dry_run}}.get(stage, {})
 
 
 @dataclass
@@ -146,7 +148,7 @@ def section_hash(recipe: Recipe, stage: Stage, options: StageOptions) -> str:
             node = node.get(part) if isinstance(node, dict) else None
         if isinstance(node, dict):
             node.pop(leaf, None)
-    return canonical_hash({"sections": sections, **options.fingerprint()})
+    return canonical_hash({"sections": sections, **options.fingerprint(stage.name)})
 
 
 def input_hash(recipe: Recipe, stage: Stage, run_dir: Path, options: StageOptions) -> tuple[str, dict[str, Path]]:

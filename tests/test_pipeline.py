@@ -185,3 +185,15 @@ def test_pipeline_endpoint_settings_do_not_change_the_generate_fingerprint(tmp_p
     assert fingerprint("teacher.sampling.temperature=0.7") != base
     assert fingerprint("teacher.model=other") != base
     assert fingerprint("teacher.endpoint.continue_final_message=true") != base, "forcing the prefix changes traces"
+
+
+def test_pipeline_options_only_fingerprint_the_stage_they_change(toy):
+    _, recipe_path, _ = toy
+    recipe = load_recipe(recipe_path)
+    plain, dry = pipeline.StageOptions(), pipeline.StageOptions(dry_run=True, model="m")
+    for name in ("generate", "filter", "train"):
+        stage = pipeline.Stage(name, "x", ("data",), (), "filter", 0)
+        assert pipeline.section_hash(recipe, stage, plain) == pipeline.section_hash(recipe, stage, dry)
+    for name in ("eval", "push"):
+        stage = pipeline.Stage(name, "x", ("data",), (), "filter", 0)
+        assert pipeline.section_hash(recipe, stage, plain) != pipeline.section_hash(recipe, stage, dry)

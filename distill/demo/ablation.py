@@ -1,0 +1,189 @@
+"""The report's comparison rows: each one is `distill run` on a recipe derived from the demo's, written to a file.
+
+| row                       | recipe file (runs/<name>/ablation/) | differs from the distill run                      |
+|---------------------------|-------------------------------------|---------------------------------------------------|
+| untrained                 | (the distill run)                   | `eval.compare_base` scores `student.model` itself |
+| SFT on answers only       | `<name>-answers.yaml`               | train rows: the kept traces, reasoning removed    |
+| SFT on all traces         | `<name>-unfiltered.yaml`            | `filter`: no verification, no format checks       |
+| SFT on filtered traces    | (the recipe as written)             |                                                   |
+| teacher                   | `<name>-teacher.yaml`               | `eval.model`: the teacher (eval stage only)       |
+
+Every trained row uses the same `student` and `eval` sections, on the same held-out problems. The variants share the
+distill run's teacher traces: its finished `generate` stage is copied into their run directories, and the runner
+accepts the copy only because its manifest matches their recipe (same `data` and `teacher` sections, same
+problems), so nothing is generated twice and nothing is trusted unchecked. The variant runs are separate
+`distill run` processes (logs beside their recipe files), two at a time, so they use both cores while the distill
+run trains; every stage is cached like any run's, so a rerun takes seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from distill import files, pipeline
+from distill.errors import DistillError
+from distill.manifest import Manifest, read_manifest, write_manifest
+from distill.recipe import dump_recipe
+from distill.records import THINK_CLOSE, THINK_OPEN
+from distill.schema import Recipe
+
+log = logging.getLogger(__name__)
+UNFILTERED = {  # every filter step that can be switched off is
+    "verify": False,
+    "truncated": False,
+    "no_answer": False,
+    "empty_reasoning": False,
+    "max_cjk_ratio": None,
+    "max_repeated_ngram_ratio": None,
+    "code_in_reasoning": False,
+    "pass_rate": None,
+    "max_per_problem": None,
+}
+
+
+def variants(recipe: Recipe) -> dict[str, Recipe]:
+    """The derived recipes, by row key. Only the keys named in the module table change."""
+    if recipe.eval is None or recipe.student is None or recipe.teacher is None:
+        raise DistillError(f"demo: recipe {recipe.name} needs teacher, student and eval sections")
+    base = recipe.model_dump(mode="json")
+    scored = {**base["eval"], "compare_base": False}
+    return {
+        "answers": _derive(base, name=f"{recipe.name}-answers", hub=None, eval=scored),
+        "unfiltered": _derive(
+            base, name=f"{recipe.name}-unfiltered", hub=None, eval=scored, filter={**base["filter"], **UNFILTERED}
+        ),
+        "teacher": _derive(
+            base, name=f"{recipe.name}-teacher", hub=None, eval={**scored, "model": recipe.teacher.model}
+        ),
+    }
+
+
+def start(recipe: Recipe, *, runs_dir: Path) -> tuple[dict[str, Recipe], list[subprocess.Popen]]:
+    """Write the variant recipes, give them the distill run's traces, and start their runs in the background.
+    Needs the distill run's generate and filter stages finished. Returns the variants and their processes."""
+    derived = variants(recipe)
+    main_dir = runs_dir / recipe.name
+    folder = main_dir / "ablation"
+    paths = {}
+    for key, variant in derived.items():
+        paths[key] = folder / f"{variant.name}.yaml"
+        files.write_text(
+            paths[key], f"# derived by `distill demo` from {recipe.name}: the {key} row\n" + dump_recipe(variant)
+        )
+    for key in ("answers", "unfiltered"):
+        seed_stage(main_dir / "generate", runs_dir / derived[key].name / "generate")
+    write_answers_only(derived["answers"], source=main_dir / "filter", runs_dir=runs_dir)
+    common = ["--runs-dir", str(runs_dir), "--no-progress"]
+    cli = [sys.executable, "-m", "distill.cli"]
+    # `--dry-run` is part of every stage's fingerprint: the copied generate stage was made with it, so the runs
+    # that reuse it must say it too (they have no `hub` section, so it changes nothing else).
+    jobs = {  # one job per core; the answers run is followed by the teacher's evaluation
+        derived["unfiltered"].name: [[*cli, "run", str(paths["unfiltered"]), "--dry-run", *common]],
+        derived["answers"].name: [
+            [*cli, "run", str(paths["answers"]), "--dry-run", *common],
+            [*cli, "eval", str(paths["teacher"]), *common],
+        ],
+    }
+    processes = []
+    for name, job in jobs.items():
+        log_path = folder / f"{name}.log"
+        script = " && ".join(subprocess.list2cmdline(command) for command in job)
+        log.info("demo: started %s (log: %s)", script, log_path)
+        with log_path.open("w", encoding="utf-8") as handle:
+            processes.append(
+                subprocess.Popen(script, shell=True, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+            )
+    return derived, processes
+
+
+def wait(processes: list[subprocess.Popen]) -> None:
+    """Wait for every variant run; a failed one is an error that names its command (its log is beside its recipe)."""
+    failed = [p.args for p in processes if p.wait() != 0]
+    if failed:
+        raise DistillError(f"demo: {len(failed)} ablation run(s) failed: {failed}; see runs/<name>/ablation/*.log")
+
+
+def stop(processes: list[subprocess.Popen]) -> None:
+    """Stop variant runs still going (their whole process group: the shell and the `distill` it runs)."""
+    for process in processes:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait()
+
+
+def seed_stage(source: Path, target: Path) -> None:
+    """Copy a finished stage directory unless `target` already holds the same output (by manifest hash)."""
+    manifest = read_manifest(source)
+    if manifest is None:
+        raise DistillError(f"{source}: not a finished stage (no manifest.json)")
+    present = read_manifest(target)
+    if present is not None and present.output_hash == manifest.output_hash:
+        return
+    tmp = target.with_name(f".{target.name}{files.TMP_MARK}{os.getpid()}")
+    shutil.copytree(source, tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+
+
+def answers_only(row: dict[str, Any]) -> dict[str, Any]:
+    """A kept trace as an answers-only training row: same prompt and final answer, an empty `<think>` block."""
+    answer = {"role": "assistant", "content": f"{THINK_OPEN}\n\n{THINK_CLOSE}\n\n{row['final']}"}
+    return {**row, "reasoning": "", "messages": [*row["messages"][:-1], answer]}
+
+
+def write_answers_only(recipe: Recipe, *, source: Path, runs_dir: Path) -> Manifest:
+    """The answers-only run's filter stage: the distill run's kept traces (verified correct) with the reasoning
+    removed, so the only difference from the distill student is the chain of thought. It gets a manifest like any
+    stage (recorded as derived from `source`), so the train stage reads it through the runner."""
+    source_manifest = read_manifest(source)
+    if source_manifest is None:
+        raise DistillError(f"{source}: the distill run's filter stage has not finished")
+    out = runs_dir / recipe.name / "filter"
+    stage, options = pipeline.STAGES["filter"], pipeline.StageOptions(dry_run=True)  # as its `distill run --dry-run`
+    sections = pipeline.section_hash(recipe, stage, options)
+    inputs_hash, _ = pipeline.input_hash(recipe, stage, runs_dir / recipe.name, options)
+    present = read_manifest(out)
+    if present and (present.section_hash, present.input_hash, present.extra.get("derived_from_output")) == (
+        sections,
+        inputs_hash,
+        source_manifest.output_hash,
+    ):
+        return present
+    work = out.with_name(f".{out.name}{files.TMP_MARK}{os.getpid()}")
+    work.mkdir(parents=True)
+    n = files.write_jsonl(work / "kept.jsonl", (answers_only(row) for row in files.read_jsonl(source / "kept.jsonl")))
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    manifest = Manifest(
+        stage="filter",
+        recipe=recipe.name,
+        section_hash=sections,
+        input_hash=inputs_hash,
+        output_hash=files.sha256_tree(work),
+        counts={"in": n, "out": n, "dropped": {}},
+        started_at=now,
+        finished_at=now,
+        wall_s=0.0,
+        extra={
+            "derived_from": str(source),
+            "derived_from_output": source_manifest.output_hash,
+            "transform": "answers_only",
+        },
+    )
+    write_manifest(work, manifest)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(work, out)
+    return manifest
+
+
+def _derive(base: dict[str, Any], **changes: Any) -> Recipe:
+    return Recipe.model_validate({**base, **changes})

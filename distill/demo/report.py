@@ -1,0 +1,250 @@
+"""`runs/<name>/report.md` and its PNGs: the ablation table, the teacher, the funnel, trace lengths, wall times.
+
+Everything is read back from finished stage directories (manifests, `results.json`, `funnel.json`, trace files), so
+the report shows what the runs measured and can be rewritten at any time without running anything.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+from distill import files
+from distill.errors import DistillError
+from distill.manifest import read_manifest
+from distill.schema import Recipe
+
+ROWS = (  # (row key, label): the order the issue's table asks for
+    ("untrained", "untrained"),
+    ("answers", "SFT on answers only (no reasoning)"),
+    ("unfiltered", "SFT on all teacher traces, unfiltered"),
+    ("distill", "SFT on filtered traces (distill)"),
+)
+
+
+def scores(recipe: Recipe, variants: dict[str, Recipe], *, runs_dir: Path) -> dict[str, dict[str, Any]]:
+    """Overall held-out scores per row (and the teacher), from each run's eval `results.json`."""
+    main = _results(runs_dir / recipe.name)
+    out = {"untrained": main["base"], "distill": main["student"]}
+    for key, variant in variants.items():
+        results = _results(runs_dir / variant.name)
+        out[key] = results["student"]
+    return {key: {"model": r["model"], **r["overall"]} for key, r in out.items()}
+
+
+def write_report(
+    recipe: Recipe,
+    variants: dict[str, Recipe],
+    *,
+    runs_dir: Path,
+    prepared: dict[str, Any],
+    elapsed_s: float | None = None,
+) -> Path:
+    """Write report.md, accuracy.png and trace-lengths.png into runs/<name>/; returns the report path."""
+    run_dir = runs_dir / recipe.name
+    table = scores(recipe, variants, runs_dir=runs_dir)
+    funnel = files.read_json(run_dir / "filter" / "funnel.json")
+    rows = {
+        key: _train_rows(runs_dir / (recipe.name if key == "distill" else variants[key].name))
+        for key in ("answers", "unfiltered", "distill")
+    }
+    _accuracy_chart(table, run_dir / "accuracy.png")
+    lengths = _trace_lengths(run_dir)
+    _length_chart(lengths, run_dir / "trace-lengths.png")
+    text = "\n".join(
+        [
+            *_headline(recipe, table, rows, prepared),
+            *_teacher(table, funnel, recipe),
+            *_funnel(funnel),
+            *_lengths(lengths),
+            *_walltimes(recipe, variants, runs_dir=runs_dir, prepared=prepared, elapsed_s=elapsed_s),
+        ]
+    )
+    path = run_dir / "report.md"
+    files.write_text(path, text.rstrip("\n") + "\n")
+    return path
+
+
+def _results(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "eval" / "results.json"
+    if not path.is_file():
+        raise DistillError(f"{path}: not found; the eval stage of runs/{run_dir.name} has not finished")
+    return files.read_json(path)
+
+
+def _train_rows(run_dir: Path) -> int | None:
+    manifest = read_manifest(run_dir / "train")
+    return manifest.counts.get("out") if manifest else None
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def _headline(recipe: Recipe, table: dict[str, dict[str, Any]], rows: dict[str, Any], prepared: dict[str, Any]):
+    k = next(iter(table.values()))["samples"]
+    maj = f"maj@{k}"
+    problems = table["distill"]["problems"]
+    lines = [
+        f"# Distillation demo: `{recipe.name}`",
+        "",
+        f"Held-out problems: {problems} (never seen by teacher or students), {k} samples each at temperature "
+        f"{recipe.eval.sampling.get('temperature')}; accuracy = pass@1 (mean over samples), in %.",
+        "",
+        f"| student | accuracy (pass@1) | {maj} | training rows |",
+        "|---|---:|---:|---:|",
+    ]
+    for key, label in ROWS:
+        lines.append(
+            f"| {label} | {_pct(table[key]['pass@1'])} | {_pct(table[key].get(maj))} | "
+            f"{rows.get(key) if rows.get(key) is not None else '–'} |"
+        )
+    others = max(table[key]["pass@1"] for key, _ in ROWS if key != "distill")
+    margin = table["distill"]["pass@1"] - others
+    verdict = (
+        f"The distilled student is ahead of every other row: {100 * margin:+.1f} points over the next best."
+        if margin > 0
+        else f"The distilled student is NOT ahead: {100 * abs(margin):.1f} points behind the best other row."
+    )
+    lines += [
+        "",
+        verdict,
+        "",
+        "![held-out accuracy](accuracy.png)",
+        "",
+    ]
+    settings = prepared.get("settings", {})
+    if settings:
+        lines += [
+            f"Teacher: Qwen2 hidden {settings['teacher_hidden']} x {settings['teacher_layers']} layers, trained "
+            f"{settings['teacher_steps']} steps on {prepared['splits']['teacher_gold']} gold traces. Student: "
+            f"hidden {settings['student_hidden']} x {settings['student_layers']} layers, random init, "
+            f"{recipe.student.sft.get('max_steps', '?')} SFT steps for every trained row.",
+            "",
+        ]
+    return lines
+
+
+def _teacher(table: dict[str, dict[str, Any]], funnel: dict[str, Any], recipe: Recipe) -> list[str]:
+    verify = next((s for s in funnel["steps"] if s["name"] == "answer_matches"), None)
+    lines = ["## Teacher", "", f"- held-out accuracy (pass@1): {_pct(table['teacher']['pass@1'])}%"]
+    if verify and verify["seen"]:
+        share = verify["kept"] / verify["seen"]
+        lines.append(
+            f"- its traces on the distillation problems (temperature "
+            f"{recipe.teacher.sampling.get('temperature')}): {verify['kept']} of {verify['seen']} verified "
+            f"correct ({_pct(share)}%)"
+        )
+    return [*lines, ""]
+
+
+def _funnel(funnel: dict[str, Any]) -> list[str]:
+    lines = [
+        "## Filter funnel",
+        "",
+        f"{funnel['in']} traces in, {funnel['out']} kept ([chart](filter/funnel.png), kept lengths: "
+        "[filter/lengths.png](filter/lengths.png)).",
+        "",
+        "| step | seen | kept | dropped | reasons |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for step in funnel["steps"]:
+        reasons = ", ".join(f"{r} {n}" for r, n in step["reasons"].items() if n) or "-"
+        lines.append(f"| {step['name']} | {step['seen']} | {step['kept']} | {step['dropped']} | {reasons} |")
+    return [*lines, ""]
+
+
+def _trace_lengths(run_dir: Path) -> dict[str, list[int]]:
+    """Completion tokens of the teacher's traces: kept, and rejected (wrong or malformed)."""
+    filter_dir = run_dir / "filter"
+    return {
+        "kept": [int(r.get("completion_tokens") or 0) for r in files.read_jsonl(filter_dir / "kept.jsonl")],
+        "rejected": [int(r.get("completion_tokens") or 0) for r in files.read_jsonl(filter_dir / "rejected.jsonl")],
+    }
+
+
+def _lengths(lengths: dict[str, list[int]]) -> list[str]:
+    lines = [
+        "## Trace lengths",
+        "",
+        "![trace lengths](trace-lengths.png)",
+        "",
+        "| traces | n | mean tokens | max |",
+        "|---|---:|---:|---:|",
+    ]
+    for key, values in lengths.items():
+        mean = f"{sum(values) / len(values):.1f}" if values else "–"
+        lines.append(f"| {key} | {len(values)} | {mean} | {max(values) if values else '–'} |")
+    return [*lines, ""]
+
+
+def _walltimes(
+    recipe: Recipe, variants: dict[str, Recipe], *, runs_dir: Path, prepared: dict[str, Any], elapsed_s: float | None
+) -> list[str]:
+    lines = ["## Wall time", ""]
+    if elapsed_s is not None:
+        lines += [
+            f"The command that wrote this report took {elapsed_s:.0f} s (stages it found finished took none; the "
+            "ablation runs overlap the distill run, so the stage times below add up to more than that).",
+            "",
+        ]
+    lines += ["| run | stage | seconds |", "|---|---|---:|"]
+    total = 0.0
+    for name, seconds in prepared.get("wall_s", {}).items():
+        lines.append(f"| prepare | {name} | {seconds:.1f} |")
+        total += seconds
+    for run in (recipe, *variants.values()):
+        for stage in ("generate", "filter", "train", "eval", "push"):
+            manifest = read_manifest(runs_dir / run.name / stage)
+            if manifest is None or manifest.extra.get("transform") or (run is not recipe and stage == "generate"):
+                continue  # copies and derived sets took no stage time
+            lines.append(f"| {run.name} | {stage} | {manifest.wall_s:.1f} |")
+            total += manifest.wall_s
+    lines += [f"| **sum** | | **{total:.1f}** |", ""]
+    return lines
+
+
+def _accuracy_chart(table: dict[str, dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    keys = [key for key, _ in ROWS] + ["teacher"]
+    labels = ["untrained", "answers only", "unfiltered", "distill", "teacher"]
+    values = [100 * table[key]["pass@1"] for key in keys]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    bars = ax.bar(labels, values, color=["#999999", "#c98b3a", "#b5534b", "#4c8c4a", "#3b6ea5"])
+    ax.bar_label(bars, fmt="%.1f")
+    ax.set_ylabel("held-out pass@1 (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title("held-out accuracy")
+    _png(fig, path)
+    plt.close(fig)
+
+
+def _length_chart(lengths: dict[str, list[int]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    values = lengths["kept"] + lengths["rejected"]
+    bins = range(min(values, default=0), max(values, default=0) + 2)  # one bar per token count
+    for key, color in (("kept", "#4c8c4a"), ("rejected", "#b5534b")):
+        if lengths[key]:
+            ax.hist(lengths[key], bins=bins, alpha=0.7, color=color, label=f"{key} ({len(lengths[key])})")
+    ax.set_xlabel("completion tokens")
+    ax.set_ylabel("teacher traces")
+    ax.legend()
+    _png(fig, path)
+    plt.close(fig)
+
+
+def _png(fig: Any, path: Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    with files.atomic_open(path, "wb") as handle:
+        handle.write(buffer.getvalue())
