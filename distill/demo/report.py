@@ -12,6 +12,7 @@ from typing import Any
 
 from distill import files
 from distill.errors import DistillError
+from distill.filter.report import funnel_table
 from distill.manifest import read_manifest
 from distill.schema import Recipe
 
@@ -146,12 +147,8 @@ def _funnel(funnel: dict[str, Any]) -> list[str]:
         f"{funnel['in']} traces in, {funnel['out']} kept ([chart](filter/funnel.png), kept lengths: "
         "[filter/lengths.png](filter/lengths.png)).",
         "",
-        "| step | seen | kept | dropped | reasons |",
-        "|---|---:|---:|---:|---|",
+        *funnel_table(funnel),
     ]
-    for step in funnel["steps"]:
-        reasons = ", ".join(f"{r} {n}" for r, n in step["reasons"].items() if n) or "-"
-        lines.append(f"| {step['name']} | {step['seen']} | {step['kept']} | {step['dropped']} | {reasons} |")
     return [*lines, ""]
 
 

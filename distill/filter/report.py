@@ -10,17 +10,18 @@ from typing import Any
 from distill import files
 
 
-def funnel_markdown(funnel: dict[str, Any]) -> str:
-    lines = [
-        f"# Filter funnel: {funnel['in']} traces in, {funnel['out']} kept",
-        "",
-        "| step | seen | kept | dropped | reasons |",
-        "|---|---:|---:|---:|---|",
-    ]
+def funnel_table(funnel: dict[str, Any]) -> list[str]:
+    """The funnel as Markdown table lines, one row per step with its non-zero reasons (the demo report uses it)."""
+    lines = ["| step | seen | kept | dropped | reasons |", "|---|---:|---:|---:|---|"]
     for step in funnel["steps"]:
         reasons = ", ".join(f"{r} {n}" for r, n in step["reasons"].items() if n) or "-"
         lines.append(f"| {step['name']} | {step['seen']} | {step['kept']} | {step['dropped']} | {reasons} |")
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def funnel_markdown(funnel: dict[str, Any]) -> str:
+    header = [f"# Filter funnel: {funnel['in']} traces in, {funnel['out']} kept", ""]
+    return "\n".join(header + funnel_table(funnel)) + "\n"
 
 
 def _png(fig: Any, path: Path) -> None:
