@@ -200,7 +200,7 @@ def _to_problem(spec: DatasetSpec, row: dict[str, Any]) -> tuple[Problem | None,
         choices, answer = _choices(spec, row, answer, seed=pid)
         if answer is None:
             return None, "answer_not_in_choices"
-    tests = _tests(_pick(row, spec.fields.tests)) if spec.kind == "code" else None
+    tests = parse_tests(_pick(row, spec.fields.tests)) if spec.kind == "code" else None
     if spec.kind == "code" and not tests:
         return None, "missing_tests"
     meta = {k: str(row[k]) for k in spec.meta if row.get(k) is not None}
@@ -265,7 +265,8 @@ def _choices(spec: DatasetSpec, row: dict[str, Any], answer: str | None, *, seed
     return options, (letters[options.index(gold)] if gold is not None else None)
 
 
-def _tests(value: Any) -> list[dict[str, str]] | None:
+def parse_tests(value: Any) -> list[dict[str, str]] | None:
+    """Code tests as [{input, output}] from a list, an {inputs, outputs} mapping or JSON text; None if malformed."""
     if isinstance(value, str):
         try:
             value = json.loads(value)

@@ -83,7 +83,7 @@ def introspect(target: Target) -> dict[str, list[str]]:
     fields: dict[str, list[str]] = {}
     for cls in classes:
         if dataclasses.is_dataclass(cls):
-            hints = typing.get_type_hints(cls) if not _has_forward_refs(cls) else {}
+            hints = _type_hints(cls)
             for f in dataclasses.fields(cls):
                 fields.setdefault(f.name, _simple_type(hints.get(f.name, f.type)))
         elif hasattr(cls, "__struct_fields__"):  # msgspec.Struct (vllm.SamplingParams)
@@ -97,12 +97,12 @@ def introspect(target: Target) -> dict[str, list[str]]:
     return fields
 
 
-def _has_forward_refs(cls: type) -> bool:
+def _type_hints(cls: type) -> dict[str, Any]:
+    """Resolved annotations, or {} when some cannot be resolved (that only costs us type checks, never keys)."""
     try:
-        typing.get_type_hints(cls)
-    except Exception:
-        return True
-    return False
+        return typing.get_type_hints(cls)
+    except Exception:  # any unresolvable annotation; field names still come from dataclasses.fields
+        return {}
 
 
 def _cache_path() -> Path:

@@ -231,7 +231,7 @@ def run_stage(
         log.info("%s: re-running (%s)", name, "forced" if force else f"{' and '.join(changed)} changed")
     work_dir = run_dir / WORK / f"{name}-{canonical_hash([sections, inputs_hash])[:12]}"
     work_dir.mkdir(parents=True, exist_ok=True)
-    if force and not options.shard[1] > 1:
+    if force and options.shard == (0, 1):  # a forced shard of N must not wipe the other shards' work
         _clear(work_dir)
     module = stage_module(stage)
     started, t0 = _now(), time.monotonic()

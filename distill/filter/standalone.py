@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from distill import files
-from distill.data import _tests as parse_tests
+from distill.data import parse_tests
 from distill.errors import DataError
 from distill.filter.pool import VerifyPool
 from distill.filter.progress import records_progress
