@@ -14,52 +14,21 @@ import random
 import re
 import string
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import ValidationError
 
 from distill.errors import DataError, RecipeError
-from distill.records import Kind, Problem, problem_id
-from distill.schema import DataSource, Section
+from distill.records import Problem, problem_id
+from distill.schema import Columns, DatasetSpec, DataSource, FieldMap, Mixture
+
+__all__ = ["DataSource", "DatasetSpec", "FieldMap", "Loaded", "find_spec", "load_problems", "load_source", "load_spec"]
 
 log = logging.getLogger(__name__)
 SPEC_DIRS = (Path("datasets"), Path(__file__).resolve().parent.parent / "datasets")
-Columns = str | list[str]  # one column name, or alternatives tried in order (hub and mirror files may differ)
-
-
-class FieldMap(Section):
-    problem: Columns = Field(description="Column holding the problem text.")
-    answer: Columns | None = Field(None, description="Column holding the reference answer.")
-    id: Columns | None = Field(None, description="Column with the source's own id (kept in `meta.source_id`).")
-    solution: Columns | None = Field(None, description="Column with a reference solution.")
-    choices: list[str] | str | None = Field(
-        None, description="Option columns (one per option), or one column holding a list of options."
-    )
-    tests: Columns | None = Field(
-        None, description="Column with tests: a list of {input, output} or {inputs: [...], outputs: [...]} (JSON ok)."
-    )
-
-
-class DatasetSpec(Section):
-    name: str = Field(description="Spec name; must equal the file name without `.yaml`.")
-    description: str = Field(description="What the data is, in one or two sentences.")
-    license: str = Field(description="License of the data (SPDX id where there is one).")
-    kind: Kind = Field(description="Answer kind: `math`, `choice`, `code` or `none` (unverifiable).")
-    hub: str | None = Field(None, description="Hugging Face Hub dataset id.")
-    config: str | None = Field(None, description="Hub dataset config name.")
-    split: str = Field("train", description="Split to read by default.")
-    path: str | None = Field(None, description="Default local file/glob, for specs of local data.")
-    fields: FieldMap = Field(description="Column mapping onto the problem record.")
-    answer_extract: Literal["as_is", "last_boxed", "regex"] = Field(
-        "as_is", description="How to get the answer from its column: as is, its last \\boxed{}, or `answer_regex`."
-    )
-    answer_regex: str | None = Field(
-        None, description="Regex whose first group is the answer (`answer_extract: regex`)."
-    )
-    shuffle_choices: bool = Field(False, description="Shuffle options per problem (seeded by the problem id).")
-    meta: list[str] = Field(default_factory=list, description="Other columns to carry along in `meta`.")
 
 
 @dataclass
@@ -70,6 +39,19 @@ class Loaded:
     problems: list[Problem]
     dropped: Counter[str] = field(default_factory=Counter)
     location: str = ""
+    source: DataSource | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """What the manifest records of this source."""
+        assert self.source is not None
+        return {
+            "spec": self.spec.name,
+            "kind": self.spec.kind,
+            "location": self.location,
+            "weight": self.source.weight,
+            "problems": len(self.problems),
+            "dropped": dict(self.dropped),
+        }
 
 
 def find_spec(name_or_path: str) -> Path:
@@ -86,20 +68,21 @@ def find_spec(name_or_path: str) -> Path:
     raise RecipeError(f"unknown dataset spec {name_or_path!r}; known specs: {', '.join(known)}")
 
 
-def load_spec(name_or_path: str) -> DatasetSpec:
+def load_spec(spec: str | DatasetSpec) -> DatasetSpec:
+    """The spec a data source names (or holds inline), validated."""
     from distill.recipe import read_yaml  # recipe imports schema only; keep this edge one-way at import time
 
-    path = find_spec(name_or_path)
+    if isinstance(spec, DatasetSpec):
+        return spec
+    path = find_spec(spec)
     try:
-        spec = DatasetSpec.model_validate(read_yaml(path))
+        loaded = DatasetSpec.model_validate(read_yaml(path))
     except ValidationError as exc:
-        lines = [f"{path}: {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
-        raise RecipeError("\n".join(lines)) from None
-    if spec.name != path.stem:
-        raise RecipeError(f"{path}: name: {spec.name!r} must equal the file name {path.stem!r}")
-    if spec.answer_extract == "regex" and not spec.answer_regex:
-        raise RecipeError(f"{path}: answer_regex: required when answer_extract is regex")
-    return spec
+        lines = [f"{path}: {'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}" for e in exc.errors()]
+        raise RecipeError("\n".join(lines).replace("Value error, ", "")) from None
+    if loaded.name != path.stem:
+        raise RecipeError(f"{path}: name: {loaded.name!r} must equal the file name {path.stem!r}")
+    return loaded
 
 
 def load_source(source: DataSource) -> Loaded:
@@ -107,38 +90,48 @@ def load_source(source: DataSource) -> Loaded:
     import datasets  # heavy; imported only when data is actually read
 
     spec = load_spec(source.spec)
+    where = f"data source {spec.name}"
     local = source.path or spec.path
     try:
         if local:
-            data_files = _local_files(local, where=f"data source {source.spec}")
+            data_files = _local_files(local, where=where)
             suffix = Path(data_files[0]).suffix.lstrip(".")
             builder = {"jsonl": "json", "json": "json", "parquet": "parquet", "csv": "csv"}.get(suffix, "json")
             table = datasets.load_dataset(builder, data_files=data_files, split="train")
             location = local
         elif spec.hub:
-            table = datasets.load_dataset(spec.hub, spec.config, split=source.split or spec.split)
-            location = f"{spec.hub}[{spec.config or 'default'}:{source.split or spec.split}]"
+            split = source.split or spec.split
+            table = datasets.load_dataset(
+                spec.hub, spec.config, split=split, revision=spec.revision, data_dir=spec.data_dir
+            )
+            location = f"{spec.hub}[{spec.config or 'default'}:{split}]"
         else:
-            raise RecipeError(f"data source {source.spec}: the spec has no hub id, so set `path` to a local file")
+            raise RecipeError(f"{where}: the spec has no hub id, so set `path` to a local file")
     except (datasets.exceptions.DatasetGenerationError, ValueError) as exc:
         if isinstance(exc, RecipeError):
             raise
         if local:
             _raise_bad_line(data_files)
-        raise DataError(f"data source {source.spec} ({local or spec.hub}): {exc}") from None
+        raise DataError(f"{where} ({local or spec.hub}): {exc}") from None
     if source.seed is not None:
         table = table.shuffle(seed=source.seed)
     if source.limit is not None:
         table = table.select(range(min(source.limit, len(table))))
-    loaded = Loaded(spec=spec, problems=[], location=location)
+    loaded = Loaded(spec=spec, problems=[], location=location, source=source)
     _check_columns(spec, table.column_names, where=location)
+    render = _problem_renderer(spec)
     for index, row in enumerate(table):
-        problem, reason = _to_problem(spec, row)
+        problem, reason = _to_problem(spec, row, render=render) if _selected(spec, row) else (None, "excluded_by_spec")
         if problem is None:
             loaded.dropped[reason] += 1
             log.debug("%s row %d dropped: %s", location, index, reason)
         else:
             loaded.problems.append(problem)
+    if spec.kind == "code" and not loaded.problems and loaded.dropped.get("missing_tests"):
+        raise DataError(
+            f"{where} ({location}): kind code needs tests, and none of its {sum(loaded.dropped.values())} rows has "
+            f"usable tests in column {' or '.join(map(repr, _columns(spec.fields.tests)))}"
+        )
     return loaded
 
 
@@ -172,6 +165,9 @@ def _check_columns(spec: DatasetSpec, columns: list[str], *, where: str) -> None
         required["tests"] = spec.fields.tests
     if spec.kind == "choice" and isinstance(spec.fields.choices, list):
         required.update({f"choices[{i}]": c for i, c in enumerate(spec.fields.choices)})
+    for key, value in spec.where.items():
+        if value is not None and key not in columns:
+            raise DataError(f"{where}: spec {spec.name} filters on column {key!r} (`where`), which the data lacks")
     for key, value in required.items():
         names = _columns(value)
         if not names:
@@ -187,10 +183,40 @@ def _pick(row: dict[str, Any], spec_value: Columns | None) -> Any:
     return next((row[name] for name in _columns(spec_value) if name in row), None)
 
 
-def _to_problem(spec: DatasetSpec, row: dict[str, Any]) -> tuple[Problem | None, str]:
+def _selected(spec: DatasetSpec, row: dict[str, Any]) -> bool:
+    return all(row.get(key) == value for key, value in spec.where.items())
+
+
+def _problem_renderer(spec: DatasetSpec) -> Callable[[dict[str, Any]], str] | None:
+    """The spec's `problem_template` compiled once (Jinja, as chat templates are); None when it has none."""
+    if spec.problem_template is None:
+        return None
+    import jinja2
+
+    try:
+        template = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False).from_string(
+            spec.problem_template
+        )
+    except jinja2.TemplateSyntaxError as exc:
+        raise RecipeError(f"spec {spec.name}: problem_template: line {exc.lineno}: {exc.message}") from None
+
+    def render(row: dict[str, Any]) -> str:
+        try:
+            return template.render(**row)
+        except jinja2.UndefinedError as exc:
+            raise DataError(f"spec {spec.name}: problem_template: {exc.message}; columns: {', '.join(row)}") from None
+
+    return render
+
+
+def _to_problem(
+    spec: DatasetSpec, row: dict[str, Any], *, render: Callable[[dict[str, Any]], str] | None = None
+) -> tuple[Problem | None, str]:
     text = _pick(row, spec.fields.problem)
     if not isinstance(text, str) or not text.strip():
         return None, "empty_problem"
+    if render is not None:
+        text = render({**row, "problem": text})
     answer = _extract_answer(spec, _pick(row, spec.fields.answer))
     if answer is None and spec.kind in ("math", "choice"):
         return None, "missing_answer"
@@ -266,23 +292,42 @@ def _choices(spec: DatasetSpec, row: dict[str, Any], answer: str | None, *, seed
 
 
 def parse_tests(value: Any) -> list[dict[str, str]] | None:
-    """Code tests as [{input, output}] from a list, an {inputs, outputs} mapping or JSON text; None if malformed."""
+    """Code tests as [{input, output}] from a list of them, an APPS/TACO `{inputs, outputs, fn_name?}` mapping, or
+    JSON text of either; None when malformed or empty.
+
+    stdin tests: an input or output given as a list of lines is joined with newlines (as APPS's harness does).
+    Call-based tests (`fn_name`): `input` is the JSON array of arguments, `output` the JSON of the return value,
+    and each test carries `fn_name` (see `distill.filter.sandbox`)."""
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except json.JSONDecodeError:
             return None
     if isinstance(value, dict) and "inputs" in value and "outputs" in value:
-        if len(value["inputs"]) != len(value["outputs"]):
+        inputs, outputs, fn_name = value["inputs"], value["outputs"], value.get("fn_name")
+        if not isinstance(inputs, list) or not isinstance(outputs, list) or len(inputs) != len(outputs):
             return None
-        value = [{"input": i, "output": o} for i, o in zip(value["inputs"], value["outputs"], strict=True)]
+        if fn_name:
+            pairs = zip(inputs, outputs, strict=True)
+            return [
+                {"input": json.dumps(i), "output": json.dumps(o), "fn_name": str(fn_name)} for i, o in pairs
+            ] or None
+        value = [{"input": i, "output": o} for i, o in zip(inputs, outputs, strict=True)]
     if isinstance(value, list) and all(isinstance(t, dict) and {"input", "output"} <= t.keys() for t in value):
-        return [{"input": str(t["input"]), "output": str(t["output"])} for t in value]
+        return [{"input": _text(t["input"]), "output": _text(t["output"])} for t in value] or None
     return None
 
 
-def load_problems(sources: list[DataSource]) -> list[Loaded]:
-    """Load every source of a recipe, in recipe order. Problem ids repeated across sources are kept once, counted."""
+def _text(value: Any) -> str:
+    return "\n".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def load_problems(sources: list[DataSource], mixture: Mixture | None = None) -> list[Loaded]:
+    """Load every source of a recipe, in recipe order. Problem ids repeated across sources are kept once, counted.
+    Weighted sources then give their share of the mixture (`distill.mixture`); the rest is counted as
+    `over_mixture_share`."""
+    from distill import mixture as mixing
+
     seen: set[str] = set()
     loaded_all = []
     for source in sources:
@@ -296,4 +341,15 @@ def load_problems(sources: list[DataSource]) -> list[Loaded]:
                 unique.append(problem)
         loaded.problems = unique
         loaded_all.append(loaded)
+    if sources and all(source.weight is not None for source in sources):
+        counts = mixing.plan(
+            [len(loaded.problems) for loaded in loaded_all],
+            [float(source.weight or 0) for source in sources],
+            total=mixture.total if mixture else None,
+            names=[loaded.spec.name for loaded in loaded_all],
+        )
+        for loaded, count in zip(loaded_all, counts, strict=True):
+            if len(loaded.problems) > count:
+                loaded.dropped["over_mixture_share"] += len(loaded.problems) - count
+                loaded.problems = loaded.problems[:count]
     return loaded_all

@@ -22,8 +22,9 @@ from distill import files
 from distill.data import Loaded, last_boxed, load_source
 from distill.pass_at_k import score
 from distill.pipeline import StageContext, StageReport
+from distill.prompts import source_prompts
 from distill.records import Problem, Trace
-from distill.schema import R1_PROMPT, Recipe, Teacher
+from distill.schema import Recipe, Teacher
 
 log = logging.getLogger(__name__)
 
@@ -91,39 +92,46 @@ def score_model(
     from teacher.traces import GenerationStats
 
     teacher = as_teacher(recipe, model)
+    prompts = source_prompts(recipe.eval.benchmarks, teacher=teacher, where="eval.benchmarks")
     llm = None
     if teacher.backend == "vllm":
         from teacher.offline import load_engine
 
         llm = load_engine(teacher)
-    per_benchmark, all_answers, all_verdicts, written = {}, [], [], 0
+    per_benchmark, written = {}, 0
+    by_kind: dict[str, tuple[list[list[str]], list[list[bool]]]] = {}
     for loaded in benchmarks:
         stats = GenerationStats()
-        traces = generate_traces(loaded.problems, teacher=teacher, stats=stats, llm=llm)
+        traces = generate_traces(loaded.problems, teacher=teacher, stats=stats, llm=llm, prompts=prompts)
         answers, verdicts, rows = judge(loaded.problems, traces, n=teacher.sampling["n"], recipe=recipe)
         for row in rows:
             handle.write(files.json_line({"model": label, "benchmark": loaded.spec.name, **row}))
         written += len(rows)
         scores = score(answers, verdicts, k=recipe.eval.pass_k)
         scores["prompt_too_long"] = len(stats.skipped_ids)
-        per_benchmark[loaded.spec.name] = scores
-        all_answers += answers
-        all_verdicts += verdicts
+        per_benchmark[loaded.spec.name] = {"kind": loaded.spec.kind, **scores}
+        kind_answers, kind_verdicts = by_kind.setdefault(loaded.spec.kind, ([], []))
+        kind_answers += answers
+        kind_verdicts += verdicts
         log.info("%s on %s: %s", label, loaded.spec.name, _brief(scores))
     del llm
     gc.collect()
+    domains = {kind: score(a, v, k=recipe.eval.pass_k) for kind, (a, v) in by_kind.items()}
+    all_answers = [keys for answers, _ in by_kind.values() for keys in answers]
+    all_verdicts = [oks for _, verdicts in by_kind.values() for oks in verdicts]
     overall = score(all_answers, all_verdicts, k=recipe.eval.pass_k)
-    return {"benchmarks": per_benchmark, "overall": overall}, written
+    return {"benchmarks": per_benchmark, "domains": domains, "overall": overall}, written
 
 
 def as_teacher(recipe: Recipe, model: str) -> Teacher:
-    """The model to score, set up as a teacher: the prompt and `<think>` prefix the student was trained with."""
+    """The model to score, set up as a teacher: the prompt and `<think>` prefix the student was trained with (a
+    benchmark's own `prompt` wins; unset, each answer kind's default, as in generation)."""
     cfg = recipe.eval
     trained_with = recipe.teacher
     return Teacher(
         backend="openai" if cfg.endpoint else "vllm",
         model=model,
-        prompt=trained_with.prompt if trained_with else R1_PROMPT,
+        prompt=trained_with.prompt if trained_with else None,
         system_prompt=trained_with.system_prompt if trained_with else None,
         think_prefix=trained_with.think_prefix if trained_with else "<think>\n",
         sampling=cfg.sampling,
@@ -181,13 +189,16 @@ def verify(traces: list[Trace], *, timeout_s: float, workers: int | None) -> lis
 
 
 def answer_key(trace: Trace) -> str:
-    """What a sample answered, normalised for majority voting: the last \\boxed{} after `</think>` (or the letter)."""
-    from distill.filter.answers import choice_letter
+    """What a sample answered, normalised for majority voting: the last \\boxed{} after `</think>`, the letter
+    (choice), or the final code block with whitespace removed (code)."""
+    from distill.filter.answers import choice_letter, final_code
 
     if trace.finish_reason == "length" or "</think>" not in trace.completion:
         return ""
     if trace.kind == "choice":
         return choice_letter(trace.final, n_choices=len(trace.choices or []) or 26) or ""
+    if trace.kind == "code":
+        return "".join((final_code(trace.final) or "").split())
     boxed = last_boxed(trace.final) or ""
     return "".join(boxed.replace("\\left", "").replace("\\right", "").replace("\\!", "").split())
 
@@ -197,20 +208,24 @@ def _brief(scores: dict[str, Any]) -> str:
 
 
 def results_table(results: dict[str, Any]) -> str:
-    """Markdown: one row per model and benchmark, plus the overall row."""
+    """Markdown: one row per model and benchmark, then one per domain (answer kind) when there are several, then
+    the overall row."""
     labels = [label for label in ("student", "base") if label in results]
     keys = sorted({k for label in labels for k in results[label]["overall"] if "@" in k})
     lines = [
         f"k = {results['k']} samples per problem; scores in %.",
         "",
-        "| model | benchmark | problems | " + " | ".join(keys) + " |",
-        "|---|---|---|" + "---|" * len(keys),
+        "| model | benchmark | domain | problems | " + " | ".join(keys) + " |",
+        "|---|---|---|---|" + "---|" * len(keys),
     ]
     for label in labels:
-        rows = [*results[label]["benchmarks"].items(), ("overall", results[label]["overall"])]
-        for name, scores in rows:
+        scored = results[label]
+        rows = [(name, scores["kind"], scores) for name, scores in scored["benchmarks"].items()]
+        if len(scored.get("domains", {})) > 1:
+            rows += [(f"all {kind}", kind, scores) for kind, scores in scored["domains"].items()]
+        rows.append(("overall", "all", scored["overall"]))
+        for name, kind, scores in rows:
             cells = " | ".join(f"{100 * scores[k]:.1f}" for k in keys)
-            lines.append(
-                f"| {label} (`{Path(results[label]['model']).name}`) | {name} | {scores['problems']} | {cells} |"
-            )
+            model = Path(scored["model"]).name
+            lines.append(f"| {label} (`{model}`) | {name} | {kind} | {scores['problems']} | {cells} |")
     return "\n".join(lines) + "\n"

@@ -10,9 +10,10 @@ from typing import Any
 import yaml
 
 from distill.data import load_spec
+from distill.errors import RecipeError
 from distill.manifest import canonical_hash, git_revision, package_versions, read_manifest
 from distill.pipeline import STAGES
-from distill.schema import Recipe
+from distill.schema import KIND_PROMPTS, Recipe
 
 TAGS = ["distill", "reasoning", "chain-of-thought", "r1-distillation"]
 
@@ -58,17 +59,20 @@ def _lineage_section(facts: dict[str, Any]) -> list[str]:
     return [*lines, "", f"Package versions: {versions}.", ""]
 
 
-def _sources(recipe: Recipe) -> list[tuple[str, str, str]]:
+def _sources(recipe: Recipe) -> list[tuple[str, ...]]:
+    """Per data source: name, location, license, domain, mixture weight and the prompt template it was asked with."""
     rows = []
     for source in recipe.data:
         spec = load_spec(source.spec)
-        rows.append((spec.name, spec.hub or "local file", spec.license))
+        template = source.prompt or (recipe.teacher and recipe.teacher.prompt) or KIND_PROMPTS[spec.kind]
+        weight = "-" if source.weight is None else f"{source.weight:g}"
+        rows.append((spec.name, spec.hub or "local file", spec.license, spec.kind, weight, json.dumps(template)))
     return rows
 
 
 def dataset_card(recipe: Recipe, filter_dir: Path, *, rows: int, facts: dict[str, Any]) -> str:
     sources = _sources(recipe)
-    licenses = sorted({lic for _, _, lic in sources})
+    licenses = sorted({row[2] for row in sources})
     meta = {
         "license": licenses[0].lower() if len(licenses) == 1 else "other",
         "task_categories": ["text-generation"],
@@ -88,15 +92,14 @@ def dataset_card(recipe: Recipe, filter_dir: Path, *, rows: int, facts: dict[str
         "",
         "## Source problems",
         "",
-        "| spec | location | license |",
-        "|---|---|---|",
-        *(f"| {name} | {where} | {lic} |" for name, where, lic in sources),
+        "| spec | location | license | domain | weight | prompt template |",
+        "|---|---|---|---|---|---|",
+        *("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in sources),
         "",
         "## Teacher",
         "",
         f"- model: `{teacher.model if teacher else 'unknown'}` ({teacher.backend if teacher else ''})",
         f"- sampling: `{json.dumps(teacher.sampling if teacher else {}, sort_keys=True)}`",
-        f"- prompt template: `{json.dumps(teacher.prompt) if teacher else ''}`",
         "",
         "## Filter",
         "",
@@ -164,14 +167,18 @@ def model_card(recipe: Recipe, train_dir: Path, results: dict[str, Any] | None, 
 def _model_index(results: dict[str, Any]) -> list[dict[str, Any]]:
     entries = []
     for name, scores in results["benchmarks"].items():
-        spec = load_spec(name)
+        try:
+            spec = load_spec(name)
+            dataset = {"name": name, "type": spec.hub or name, "split": spec.split}
+        except RecipeError:  # an inline benchmark spec: no file to name
+            dataset = {"name": name, "type": name}
         metrics = [
             {"type": key, "value": round(100 * value, 2), "name": key} for key, value in scores.items() if "@" in key
         ]
         entries.append(
             {
                 "task": {"type": "text-generation"},
-                "dataset": {"name": name, "type": spec.hub or name, "split": spec.split},
+                "dataset": dataset,
                 "metrics": metrics,
             }
         )

@@ -75,7 +75,9 @@ def _eval_reads(recipe: Recipe, options: StageOptions) -> tuple[str, ...]:
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
-        Stage("generate", "teacher.generate", ("data", "teacher"), (), "teacher", 3, operational=ENDPOINT_HOW),
+        Stage(
+            "generate", "teacher.generate", ("data", "mixture", "teacher"), (), "teacher", 3, operational=ENDPOINT_HOW
+        ),
         Stage("filter", "distill.filter", ("filter", "student.model"), ("generate",), "filter", 4),
         Stage("train", "student.train", ("student",), ("filter",), "student", 5),
         Stage(

@@ -100,7 +100,7 @@ def load_recipe(path: str | Path, *, overrides: list[str] | tuple[str, ...] = ()
     """Read, override and validate a recipe. Raises one RecipeError listing every problem found."""
     where = str(path)
     data = read_yaml(path)
-    if isinstance(data.get("data"), dict):  # the one-source shorthand, listed so `--set data.0.limit=5` works
+    if isinstance(data.get("data"), dict | str):  # the one-source shorthand, listed so `--set data.0.limit=5` works
         data["data"] = [data["data"]]
     for override in overrides:
         apply_override(data, override, where=where)
@@ -112,9 +112,34 @@ def load_recipe(path: str | Path, *, overrides: list[str] | tuple[str, ...] = ()
         recipe = None
     if recipe and recipe.teacher and recipe.teacher.backend == "openai" and recipe.teacher.endpoint is None:
         problems.append("teacher.endpoint: required when teacher.backend is openai (base_url, api_key_env, ...)")
+    if recipe:
+        problems += _check_specs(recipe)
     if problems or recipe is None:
         raise RecipeError("\n".join(f"{where}: {line}" for line in problems))
     return recipe
+
+
+def _check_specs(recipe: Recipe) -> list[str]:
+    """Every dataset spec the recipe names exists and is valid, and every prompt template fills: found at
+    `recipe check` time, before any data is read or model loaded."""
+    from distill.data import load_spec
+    from distill.prompts import source_prompts
+
+    named = {"data": recipe.data, "filter.decontaminate": recipe.filter.decontaminate}
+    if recipe.eval:
+        named["eval.benchmarks"] = recipe.eval.benchmarks
+    problems = []
+    for where, sources in named.items():
+        for index, source in enumerate(sources):
+            try:
+                load_spec(source.spec)
+            except RecipeError as exc:
+                problems.append(f"{where}.{index}.spec: {exc}")
+        try:
+            source_prompts(sources, teacher=recipe.teacher, where=where)
+        except RecipeError as exc:
+            problems.append(str(exc))
+    return problems
 
 
 def _check_passthrough(data: dict[str, Any]) -> list[str]:

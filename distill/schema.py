@@ -13,15 +13,44 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from distill.records import Kind
+
 R1_PROMPT = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
+# The default user prompt of each answer kind (`teacher.prompt` or a source's `prompt` replaces it): the answer is
+# asked for in the form the kind's verifier reads (`distill.filter.answers`).
+KIND_PROMPTS: dict[str, str] = {
+    "math": R1_PROMPT,
+    "choice": "{problem}\nPlease reason step by step, and put the letter of the correct option within \\boxed{{}}.",
+    "code": "{problem}\nPlease reason step by step, then give your complete solution in Python 3 in a single "
+    "```python code block at the end. The program reads from standard input and writes to standard output; if the "
+    "problem gives starter code, complete that function instead.",
+    "none": "{problem}\nPlease reason step by step before answering.",
+}
 # DeepSeek-R1's sampling protocol (R1 paper, section 3): used for generation and for evaluation.
 R1_SAMPLING: dict[str, Any] = {"temperature": 0.6, "top_p": 0.95, "n": 4, "max_tokens": 32768}
+Columns = str | list[str]  # one column name, or alternatives tried in order (hub and mirror files may differ)
 
 
 class Section(BaseModel):
     """Unknown keys are errors (a typo must never be silently ignored)."""
 
     model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+def _as_sources(value: Any) -> Any:
+    """Validator: a bare spec name stands for `{spec: name}`."""
+    return [{"spec": v} if isinstance(v, str) else v for v in value] if isinstance(value, list) else value
+
+
+def _unweighted_sources(sources: list[Any], where: str) -> list[Any]:
+    """Validator: benchmarks and decontamination sets are read whole, so a weight there is a mistake."""
+    for index, source in enumerate(sources):
+        if source.weight is not None:
+            raise ValueError(
+                f"item {index} ({source.name}) has a weight; weights mix training data (`data`), "
+                f"{where} are read whole"
+            )
+    return sources
 
 
 def _merge_defaults(defaults: dict[str, Any]):
@@ -33,15 +62,102 @@ def _merge_defaults(defaults: dict[str, Any]):
     return merge
 
 
+class FieldMap(Section):
+    problem: Columns = Field(description="Column holding the problem text.")
+    answer: Columns | None = Field(None, description="Column holding the reference answer.")
+    id: Columns | None = Field(None, description="Column with the source's own id (kept in `meta.source_id`).")
+    solution: Columns | None = Field(None, description="Column with a reference solution.")
+    choices: list[str] | str | None = Field(
+        None, description="Option columns (one per option), or one column holding a list of options."
+    )
+    tests: Columns | None = Field(
+        None,
+        description="Column with tests: a list of {input, output}, or {inputs: [...], outputs: [...], fn_name?} "
+        "(APPS/TACO; with `fn_name` the tests call that function), JSON text ok.",
+    )
+
+
+class DatasetSpec(Section):
+    name: str = Field(description="Spec name; must equal the file name without `.yaml` (inline: any name).")
+    description: str = Field("", description="What the data is, in one or two sentences.")
+    license: str = Field("unknown", description="License of the data (SPDX id where there is one).")
+    kind: Kind = Field(description="Answer kind: `math`, `choice`, `code` or `none` (unverifiable).")
+    hub: str | None = Field(None, description="Hugging Face Hub dataset id.")
+    config: str | None = Field(None, description="Hub dataset config name.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to read.")
+    data_dir: str | None = Field(None, description="Folder of the hub repo to read (`load_dataset(data_dir=...)`).")
+    split: str = Field("train", description="Split to read by default.")
+    path: str | None = Field(None, description="Default local file/glob, for specs of local data.")
+    fields: FieldMap = Field(description="Column mapping onto the problem record.")
+    problem_template: str | None = Field(
+        None,
+        description="Jinja template over the row's columns (plus `problem`, the mapped text) that builds the "
+        "problem text, for statements split across columns (Codeforces) or with starter code (APPS).",
+    )
+    where: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keep only rows whose columns equal these values (null matches a missing value); other rows "
+        "are counted as `excluded_by_spec`.",
+    )
+    answer_extract: Literal["as_is", "last_boxed", "regex"] = Field(
+        "as_is", description="How to get the answer from its column: as is, its last \\boxed{}, or `answer_regex`."
+    )
+    answer_regex: str | None = Field(
+        None, description="Regex whose first group is the answer (`answer_extract: regex`)."
+    )
+    shuffle_choices: bool = Field(False, description="Shuffle options per problem (seeded by the problem id).")
+    meta: list[str] = Field(default_factory=list, description="Other columns to carry along in `meta`.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DatasetSpec:
+        needed = {"math": "answer", "choice": "answer", "code": "tests"}.get(self.kind)
+        if needed and getattr(self.fields, needed) is None:
+            raise ValueError(f"fields.{needed}: required for kind {self.kind} (spec {self.name})")
+        if self.kind == "choice" and self.fields.choices is None:
+            raise ValueError(f"fields.choices: required for kind choice (spec {self.name})")
+        if self.answer_extract == "regex" and not self.answer_regex:
+            raise ValueError("answer_regex: required when answer_extract is regex")
+        return self
+
+
 class DataSource(Section):
-    spec: str = Field(description="Dataset spec: a name from `datasets/` (e.g. `math500`) or a path to a spec YAML.")
+    spec: str | DatasetSpec = Field(
+        description="Dataset spec: a name from `datasets/` (e.g. `math500`), a path to a spec YAML, or an inline "
+        "spec mapping."
+    )
     path: str | None = Field(
         None, description="Local file, glob or directory to read instead of the spec's hub location (same mapping)."
     )
     split: str | None = Field(None, description="Split to read; unset uses the spec's split.")
     limit: int | None = Field(None, ge=1, description="Keep only the first N problems (after the shuffle, if any).")
     seed: int | None = Field(
-        None, description="Shuffle the problems with this seed before `limit`; unset keeps order."
+        None, description="Shuffle the problems with this seed before `limit` and mixing; unset keeps file order."
+    )
+    weight: float | None = Field(
+        None,
+        gt=0,
+        description="Share of the mixture relative to the other sources' weights (set on every source or none); "
+        "see `mixture`.",
+    )
+    prompt: str | None = Field(
+        None,
+        description="User prompt template for this source (`{problem}`); unset: `teacher.prompt`, else the "
+        "default of the source's answer kind.",
+    )
+
+    @property
+    def name(self) -> str:
+        """The spec's name (what `Problem.source` holds)."""
+        return self.spec.name if isinstance(self.spec, DatasetSpec) else self.spec.removesuffix(".yaml").split("/")[-1]
+
+
+class Mixture(Section):
+    total: int | None = Field(
+        None,
+        ge=1,
+        description="Problems in a weighted mixture, shared out by weight (largest remainder); unset takes the "
+        "largest mixture the sources allow at exactly these weights. Each source gives its first problems (file "
+        "order, or after its `seed` shuffle).",
     )
 
 
@@ -72,7 +188,12 @@ class Teacher(Section):
     model: str = Field(
         description="Teacher model: local path or hub id (vllm), or the model name the endpoint serves."
     )
-    prompt: str = Field(R1_PROMPT, description="User prompt template; `{problem}` is replaced by the problem text.")
+    prompt: str | None = Field(
+        None,
+        description="User prompt template for every source (`{problem}` is replaced by the problem text); unset: "
+        "each answer kind's default (R1's `\\boxed{}` prompt for math, a letter in `\\boxed{}` for choice, a "
+        "```python block for code). A source's own `prompt` wins.",
+    )
     system_prompt: str | None = Field(None, description="System message; R1 recommends none.")
     think_prefix: str = Field(
         "<think>\n", description="Text the assistant turn is forced to start with (R1 convention); `''` disables."
@@ -161,10 +282,8 @@ class Filter(Section):
     )
     workers: int | None = Field(None, ge=1, description="Verification processes; unset uses every core.")
 
-    @field_validator("decontaminate", mode="before")
-    @classmethod
-    def _names_as_sources(cls, value: Any) -> Any:
-        return [{"spec": v} if isinstance(v, str) else v for v in value] if isinstance(value, list) else value
+    _names_as_sources = field_validator("decontaminate", mode="before")(lambda value: _as_sources(value))
+    _unweighted = field_validator("decontaminate")(lambda value: _unweighted_sources(value, "decontaminate"))
 
 
 class Student(Section):
@@ -211,10 +330,8 @@ class Eval(Section):
             raise ValueError(f"pass_k {too_big} exceeds sampling.n={n}, the samples drawn per problem")
         return self
 
-    @field_validator("benchmarks", mode="before")
-    @classmethod
-    def _names_as_sources(cls, value: Any) -> Any:
-        return [{"spec": v} if isinstance(v, str) else v for v in value] if isinstance(value, list) else value
+    _names_as_sources = field_validator("benchmarks", mode="before")(lambda value: _as_sources(value))
+    _unweighted = field_validator("benchmarks")(lambda value: _unweighted_sources(value, "benchmarks"))
 
 
 class Hub(Section):
@@ -229,7 +346,8 @@ class Recipe(Section):
     name: str = Field(
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name; outputs go to `runs/<name>/<stage>/`."
     )
-    data: list[DataSource] = Field(description="Problem sources: one mapping, or a list of them.")
+    data: list[DataSource] = Field(description="Problem sources: a spec name, one mapping, or a list of them.")
+    mixture: Mixture = Field(default_factory=Mixture, description="How weighted sources are mixed.")
     teacher: Teacher | None = Field(None, description="Trace generation (stage `generate`).")
     filter: Filter = Field(default_factory=Filter, description="Verification and cleaning (stage `filter`).")
     student: Student | None = Field(None, description="Fine-tuning (stage `train`).")
@@ -239,4 +357,17 @@ class Recipe(Section):
     @field_validator("data", mode="before")
     @classmethod
     def _single_source(cls, value: Any) -> Any:
-        return [value] if isinstance(value, dict) else value
+        return _as_sources([value] if isinstance(value, dict | str) else value)
+
+    @model_validator(mode="after")
+    def _weights(self) -> Recipe:
+        weighted = [i for i, source in enumerate(self.data) if source.weight is not None]
+        if weighted and len(weighted) < len(self.data):
+            unweighted = [f"data.{i} ({s.name})" for i, s in enumerate(self.data) if s.weight is None]
+            raise ValueError(
+                f"weight: set on every data source or on none; {', '.join(unweighted)} has none "
+                f"(data.{weighted[0]} has {self.data[weighted[0]].weight})"
+            )
+        if self.mixture.total is not None and not weighted:
+            raise ValueError("mixture.total: needs a `weight` on every data source")
+        return self

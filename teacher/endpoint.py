@@ -16,13 +16,13 @@ import math
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from distill.errors import DistillError
 from distill.records import Problem, Trace
 from distill.schema import Endpoint, Teacher
-from teacher.prompts import messages, normalise_completion
+from teacher.prompts import Prompts, messages, normalise_completion
 from teacher.traces import GenerationStats, OnDone, make_trace
 
 log = logging.getLogger(__name__)
@@ -42,14 +42,21 @@ class PromptTooLong(Exception):
 
 
 def generate_endpoint(
-    problems: Sequence[Problem], *, teacher: Teacher, stats: GenerationStats, on_done: OnDone
+    problems: Sequence[Problem],
+    *,
+    teacher: Teacher,
+    stats: GenerationStats,
+    on_done: OnDone,
+    prompts: Prompts | None = None,
 ) -> None:
     """Generate `teacher.sampling["n"]` samples per problem over the endpoint, handing problems to `on_done` as
     they finish. Raises DistillError when the endpoint is down at start or a request exhausts its retries."""
     if teacher.endpoint is None:
         raise DistillError("teacher.endpoint: required when teacher.backend is openai (base_url, api_key_env, ...)")
     if problems:
-        asyncio.run(_generate(problems, teacher=teacher, endpoint=teacher.endpoint, stats=stats, on_done=on_done))
+        chats = {problem.id: messages(problem, teacher=teacher, prompts=prompts) for problem in problems}
+        run = _generate(problems, chats, teacher=teacher, endpoint=teacher.endpoint, stats=stats, on_done=on_done)
+        asyncio.run(run)
 
 
 def client_for(endpoint: Endpoint) -> Any:
@@ -80,7 +87,13 @@ async def probe(client: Any, endpoint: Endpoint) -> None:
 
 
 async def _generate(
-    problems: Sequence[Problem], *, teacher: Teacher, endpoint: Endpoint, stats: GenerationStats, on_done: OnDone
+    problems: Sequence[Problem],
+    chats: Mapping[str, list[dict[str, str]]],
+    *,
+    teacher: Teacher,
+    endpoint: Endpoint,
+    stats: GenerationStats,
+    on_done: OnDone,
 ) -> None:
     client = client_for(endpoint)
     await probe(client, endpoint)
@@ -94,7 +107,9 @@ async def _generate(
     async def worker() -> None:
         while not queue.empty():
             problem = queue.get_nowait()
-            traces = await _problem(client, problem, n=n, teacher=teacher, endpoint=endpoint, stats=stats, slots=slots)
+            traces = await _problem(
+                client, problem, chats[problem.id], n=n, teacher=teacher, endpoint=endpoint, stats=stats, slots=slots
+            )
             if traces is not None:
                 stats.add(traces)
                 on_done([traces])
@@ -113,6 +128,7 @@ async def _generate(
 async def _problem(
     client: Any,
     problem: Problem,
+    chat: list[dict[str, str]],
     *,
     n: int,
     teacher: Teacher,
@@ -121,7 +137,6 @@ async def _problem(
     slots: asyncio.Semaphore,
 ) -> list[Trace] | None:
     """All n samples of one problem, or None when the server says the prompt is too long (counted)."""
-    chat = messages(problem, teacher=teacher)
     try:
         answers = await asyncio.gather(
             *(

@@ -16,14 +16,14 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from distill.data import load_problems
+from distill.data import Loaded, load_problems
 from distill.errors import DistillError
 from distill.manifest import canonical_hash
 from distill.pipeline import StageContext, StageReport
+from distill.prompts import Prompts, check_template, source_prompts
 from distill.records import Problem, Trace
-from distill.schema import Recipe, Teacher
+from distill.schema import KIND_PROMPTS, Recipe, Teacher
 from teacher.progress import ProgressBar
-from teacher.prompts import check_template
 from teacher.shards import ShardStore, shard_of
 from teacher.traces import GenerationStats, OnDone
 
@@ -32,36 +32,49 @@ log = logging.getLogger(__name__)
 
 def input_hash(recipe: Recipe) -> str:
     """Content hash of the problems the recipe selects (what the stage's output depends on besides settings)."""
-    return canonical_hash([p.to_dict() for source in load_problems(recipe.data) for p in source.problems])
+    loaded = load_problems(recipe.data, recipe.mixture)
+    return canonical_hash([p.to_dict() for source in loaded for p in source.problems])
 
 
 def stream_traces(
-    problems: Sequence[Problem], *, teacher: Teacher, stats: GenerationStats, on_done: OnDone, llm: Any = None
+    problems: Sequence[Problem],
+    *,
+    teacher: Teacher,
+    stats: GenerationStats,
+    on_done: OnDone,
+    llm: Any = None,
+    prompts: Prompts | None = None,
 ) -> None:
     """Generate `teacher.sampling["n"]` traces per problem with `teacher.backend`, handing finished problems to
     `on_done` in completion order (not input order), each as its n traces sorted by sample index. Problems whose
     prompt is too long are skipped and counted in `stats.skipped` / `stats.skipped_ids`. `llm`: a loaded
-    `vllm.LLM` to reuse (vllm backend only)."""
-    check_template(teacher.prompt)
+    `vllm.LLM` to reuse (vllm backend only). `prompts`: per-source templates (`teacher.prompts.source_prompts`)."""
+    if teacher.prompt is not None:
+        check_template(teacher.prompt)
     if teacher.backend == "vllm":
         from teacher.offline import generate_offline
 
-        generate_offline(problems, teacher=teacher, stats=stats, on_done=on_done, llm=llm)
+        generate_offline(problems, teacher=teacher, stats=stats, on_done=on_done, llm=llm, prompts=prompts)
     else:
         from teacher.endpoint import generate_endpoint
 
-        generate_endpoint(problems, teacher=teacher, stats=stats, on_done=on_done)
+        generate_endpoint(problems, teacher=teacher, stats=stats, on_done=on_done, prompts=prompts)
 
 
 def generate_traces(
-    problems: Sequence[Problem], *, teacher: Teacher, stats: GenerationStats | None = None, llm: Any = None
+    problems: Sequence[Problem],
+    *,
+    teacher: Teacher,
+    stats: GenerationStats | None = None,
+    llm: Any = None,
+    prompts: Prompts | None = None,
 ) -> list[Trace]:
     """Traces for `problems`, `teacher.sampling["n"]` per problem, in input order: problem by problem as given,
     then by sample index (`(id, sample)` follows `problems`). Skipped problems (prompt too long) have no traces;
     pass `stats` to see them (`stats.skipped_ids`) and the token totals. Nothing is written to disk.
 
         teacher = Teacher(model=model_dir, sampling=recipe.eval.sampling, engine=recipe.eval.engine)
-        traces = generate_traces(problems, teacher=teacher)  # R1 prompt and <think> prefix by default
+        traces = generate_traces(problems, teacher=teacher)  # each kind's default prompt, <think> prefix
     """
     stats = stats or GenerationStats()
     finished: dict[int, list[Trace]] = {}
@@ -74,15 +87,15 @@ def generate_traces(
             index = by_id[traces[0].id].pop(0)  # repeated problems: first finished fills the first slot
             finished[index] = traces
 
-    stream_traces(problems, teacher=teacher, stats=stats, on_done=collect, llm=llm)
+    stream_traces(problems, teacher=teacher, stats=stats, on_done=collect, llm=llm, prompts=prompts)
     return [trace for index in sorted(finished) for trace in finished[index]]
 
 
 def run(recipe: Recipe, *, ctx: StageContext) -> StageReport:
     """The stage: this job's shard of the problems, resumed from what is already on disk."""
     teacher = _teacher(recipe)
-    check_template(teacher.prompt)
-    loaded = load_problems(recipe.data)
+    prompts = source_prompts(recipe.data, teacher=teacher)
+    loaded = load_problems(recipe.data, recipe.mixture)
     problems = [p for source in loaded for p in source.problems]
     dropped: Counter[str] = Counter()
     for source in loaded:
@@ -109,7 +122,7 @@ def run(recipe: Recipe, *, ctx: StageContext) -> StageReport:
             writer.add(batch)
             bar.update()
 
-        stream_traces(todo, teacher=teacher, stats=stats, on_done=on_done)
+        stream_traces(todo, teacher=teacher, stats=stats, on_done=on_done, prompts=prompts)
     state = _state(previous, stats, started)
     if not store.mark_done(state):
         counts = {"in": len(mine), "out": len(mine) - sum(stats.skipped.values()), "dropped": dict(stats.skipped)}
@@ -121,6 +134,7 @@ def run(recipe: Recipe, *, ctx: StageContext) -> StageReport:
         dropped=dropped,
         stats=stats,
         state=state,
+        sources=[{**source.summary(), "prompt": _template_of(source, teacher)} for source in loaded],
     )
 
 
@@ -128,6 +142,11 @@ def _teacher(recipe: Recipe) -> Teacher:
     if recipe.teacher is None:
         raise DistillError("stage generate needs a `teacher` section in the recipe")
     return recipe.teacher
+
+
+def _template_of(loaded: Loaded, teacher: Teacher) -> str:
+    assert loaded.source is not None
+    return loaded.source.prompt or teacher.prompt or KIND_PROMPTS[loaded.spec.kind]
 
 
 def _log_scale(
@@ -171,6 +190,7 @@ def _report(
     dropped: Counter[str],
     stats: GenerationStats,
     state: dict[str, Any],
+    sources: list[dict[str, Any]],
 ) -> StageReport:
     """Totals over every shard: counts are problems (`in` = `out` + dropped); `traces` counts rows."""
     totals = store.totals()
@@ -184,6 +204,7 @@ def _report(
         + totals.get("completion_tokens", 0) * stats.price_output_per_m
     ) / 1e6
     extra = {
+        "sources": sources,
         "teacher": teacher.model,
         "backend": teacher.backend,
         "samples_per_problem": int(teacher.sampling.get("n", 1)),

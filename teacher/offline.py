@@ -18,7 +18,7 @@ from typing import Any
 from distill.errors import DistillError
 from distill.records import Problem, Trace
 from distill.schema import Teacher
-from teacher.prompts import messages
+from teacher.prompts import Prompts, messages
 from teacher.traces import GenerationStats, OnDone, make_trace
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,13 @@ def load_engine(teacher: Teacher) -> Any:
 
 
 def generate_offline(
-    problems: Sequence[Problem], *, teacher: Teacher, stats: GenerationStats, on_done: OnDone, llm: Any = None
+    problems: Sequence[Problem],
+    *,
+    teacher: Teacher,
+    stats: GenerationStats,
+    on_done: OnDone,
+    llm: Any = None,
+    prompts: Prompts | None = None,
 ) -> None:
     """Generate `teacher.sampling["n"]` samples per problem, calling `on_done` with problems as they finish.
 
@@ -66,6 +72,7 @@ def generate_offline(
         tokenizer=llm.get_tokenizer(),
         max_len=engine.model_config.max_model_len,
         stats=stats,
+        prompts=prompts,
     )
     in_flight: dict[str, _Request] = {}
     stats.restart_clock()
@@ -89,13 +96,19 @@ def generate_offline(
 
 
 def _tokenised(
-    problems: Sequence[Problem], *, teacher: Teacher, tokenizer: Any, max_len: int, stats: GenerationStats
+    problems: Sequence[Problem],
+    *,
+    teacher: Teacher,
+    tokenizer: Any,
+    max_len: int,
+    stats: GenerationStats,
+    prompts: Prompts | None,
 ) -> Iterator[tuple[Problem, list[dict[str, str]], list[int]]]:
     """Render and tokenise lazily, as the queue needs them; too-long prompts are counted and skipped."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise DistillError(f"teacher.model {teacher.model}: its tokenizer has no chat template to build the prompt")
     for problem in problems:
-        chat = messages(problem, teacher=teacher)
+        chat = messages(problem, teacher=teacher, prompts=prompts)
         text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) + teacher.think_prefix
         # The template already holds any BOS/special tokens; adding them again would double the BOS.
         token_ids = tokenizer.encode(text, add_special_tokens=False)

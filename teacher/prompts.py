@@ -1,7 +1,10 @@
 """What the teacher sees and how its answer is normalised, whatever the backend.
 
-R1 conventions (overridable in the recipe): no system prompt, the problem inside `teacher.prompt`, and an assistant
-turn that starts with `teacher.think_prefix` (`<think>\\n`). The stored `completion` always carries that prefix, so
+R1 conventions (overridable in the recipe): no system prompt, the problem inside a prompt template, and an assistant
+turn that starts with `teacher.think_prefix` (`<think>\\n`). The template of a problem is its data source's
+`prompt`, else `teacher.prompt`, else the default of its answer kind (`distill.schema.KIND_PROMPTS`: a `\\boxed{}`
+answer for math, a boxed letter for choice, a ```python block for code), so each domain asks for the form its
+verifier reads. The stored `completion` always carries that prefix, so
 inline reasoning (offline vLLM), reasoning returned in a separate field (DeepSeek's API, vLLM's reasoning parser)
 and reasoning whose `<think>` was put in the prompt by the server's chat template all end up in one form:
 `<think>\\n…\\n</think>\\n\\n<final answer>`.
@@ -11,22 +14,9 @@ from __future__ import annotations
 
 import string
 
-from distill.errors import RecipeError
+from distill.prompts import Prompts, template_for
 from distill.records import THINK_CLOSE, THINK_OPEN, Problem
 from distill.schema import Teacher
-
-
-def check_template(template: str) -> None:
-    """Fail before any model loads when `teacher.prompt` cannot be filled (stray braces, missing `{problem}`)."""
-    try:
-        filled = template.format(problem="\0")
-    except (KeyError, IndexError, ValueError) as exc:
-        raise RecipeError(
-            f"teacher.prompt: cannot fill the template ({type(exc).__name__}: {exc}); use {{problem}} for the "
-            "problem text and double any other brace, e.g. \\boxed{{}}"
-        ) from None
-    if "\0" not in filled:
-        raise RecipeError("teacher.prompt: the template must contain {problem}")
 
 
 def problem_text(problem: Problem) -> str:
@@ -37,10 +27,11 @@ def problem_text(problem: Problem) -> str:
     return f"{problem.problem}\n\n{options}"
 
 
-def messages(problem: Problem, *, teacher: Teacher) -> list[dict[str, str]]:
+def messages(problem: Problem, *, teacher: Teacher, prompts: Prompts | None = None) -> list[dict[str, str]]:
     """The chat messages of one problem: an optional system message, then the filled user prompt."""
     chat = [{"role": "system", "content": teacher.system_prompt}] if teacher.system_prompt else []
-    return [*chat, {"role": "user", "content": teacher.prompt.format(problem=problem_text(problem))}]
+    template = template_for(problem, teacher=teacher, prompts=prompts)
+    return [*chat, {"role": "user", "content": template.format(problem=problem_text(problem))}]
 
 
 def normalise_completion(content: str, *, reasoning: str | None, think_prefix: str) -> str:

@@ -116,7 +116,7 @@ def test_eval_stage_real_vllm_on_math500_and_aime(tmp_path, tiny_model, shared_d
         assert overall["problems"] == 5 and overall["samples"] == 2 and set(overall) >= {"pass@1", "pass@2", "maj@2"}
         assert overall["pass@1"] == 0.0, "a random-init model solves nothing"
     table = (out / "results.md").read_text()
-    assert "| student (`qwen2`) | math500 | 3 |" in table and "| base (`qwen2`) | overall | 5 |" in table
+    assert "| student (`qwen2`) | math500 | math | 3 |" in table and "| base (`qwen2`) | overall | all | 5 |" in table
 
 
 def test_eval_merges_a_lora_adapter_once_to_serve_it(tmp_path, tiny_model):

@@ -25,7 +25,7 @@ from distill import files
 from distill.demo.task import Addition, sample_problems
 from distill.errors import RecipeError
 from distill.manifest import canonical_hash
-from distill.schema import Recipe
+from distill.schema import KIND_PROMPTS, Recipe
 
 log = logging.getLogger(__name__)
 STAMP = "demo.json"
@@ -68,7 +68,7 @@ def prepare(recipe: Recipe, *, settings: Settings, progress: bool) -> dict[str, 
     )
     files.write_jsonl(paths["problems"], (_row(p) for p in distill))
     files.write_jsonl(paths["heldout"], (_row(p) for p in heldout))
-    rows = [gold_messages(p, prompt=recipe.teacher.prompt) for p in gold]
+    rows = [gold_messages(p, prompt=recipe.teacher.prompt or KIND_PROMPTS["math"]) for p in gold]
     corpus = [m["content"] for row in rows[:2000] for m in row["messages"]]
     t1 = time.monotonic()
     _build_base(paths["student"], corpus=corpus, settings=settings, teacher=False)

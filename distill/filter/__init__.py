@@ -76,6 +76,7 @@ class Plan:
     chosen: list[Step]  # pass_rate_band, selection (second pass)
     stats: ProblemStats
     funnel: Funnel
+    breakdown: report.Breakdown
 
     @classmethod
     def from_recipe(cls, recipe: Recipe) -> Plan:
@@ -86,7 +87,7 @@ class Plan:
         problem = problem_steps(config)
         trace = trace_steps(config, student_model=recipe.student.model if recipe.student else None)
         chosen = selection_steps(config, stats)
-        return cls(problem, trace, chosen, stats, Funnel([*problem, *trace, *chosen]))
+        return cls(problem, trace, chosen, stats, Funnel([*problem, *trace, *chosen]), report.Breakdown())
 
 
 def run(recipe: Recipe, *, ctx: StageContext) -> StageReport:
@@ -120,7 +121,7 @@ def run(recipe: Recipe, *, ctx: StageContext) -> StageReport:
     finally:
         candidates.unlink(missing_ok=True)
     n_in = extra.pop("in")
-    summary = plan.funnel.to_dict(n_in=n_in, n_out=n_out)
+    summary = {**plan.funnel.to_dict(n_in=n_in, n_out=n_out), **plan.breakdown.to_dict()}
     if sum(summary["dropped"].values()) + n_out != n_in:
         raise DistillError(f"filter funnel does not add up: {n_in} in, {n_out} kept, {summary['dropped']} dropped")
     _write_reports(ctx.work_dir, summary, tokens, chars)
@@ -142,9 +143,10 @@ def _groups(
     group: list[dict[str, Any]] = []
     for row in rows:
         kinds[row["kind"]] += 1
+        plan.breakdown.seen(row)
         dropped = run_steps(row, plan.problem, plan.funnel)
         if dropped is not None:
-            _reject(rejected, row, step=dropped[0].name, reason=dropped[1], correct=None)
+            _reject(rejected, row, plan, step=dropped[0].name, reason=dropped[1], correct=None)
             continue
         if group and (group[-1]["id"] != row["id"] or len(group) >= MAX_GROUP):
             yield group
@@ -187,7 +189,8 @@ def _judged(
     plan.stats.observe(row, seq=seq, correct=failed is None and reason == "ok", candidate=failed is None)
     if failed is not None:
         answer_step = isinstance(plan.trace[failed], AnswerMatches)
-        _reject(rejected, row, step=plan.trace[failed].name, reason=reason, correct=False if answer_step else None)
+        correct = False if answer_step else None
+        _reject(rejected, row, plan, step=plan.trace[failed].name, reason=reason, correct=correct)
         return
     verdict = {"correct": True if reason == "ok" else None, "reason": reason}
     spill.write(json.dumps({**row, "verdict": verdict, "_seq": seq}, ensure_ascii=False) + "\n")
@@ -200,8 +203,9 @@ def _second_pass(candidates: Path, plan: Plan, *, kept: IO[str], rejected: IO[st
         dropped = run_steps(row, plan.chosen, plan.funnel)
         del row["_seq"]
         if dropped is not None:
-            _reject(rejected, row, step=dropped[0].name, reason=dropped[1], correct=row["verdict"]["correct"])
+            _reject(rejected, row, plan, step=dropped[0].name, reason=dropped[1], correct=row["verdict"]["correct"])
             continue
+        plan.breakdown.kept(row)
         row["messages"] = [*row["prompt"], {"role": "assistant", "content": assistant_text(row)}]
         kept.write(json.dumps(row, ensure_ascii=False) + "\n")
         n_out += 1
@@ -210,7 +214,8 @@ def _second_pass(candidates: Path, plan: Plan, *, kept: IO[str], rejected: IO[st
     return n_out, tokens, chars
 
 
-def _reject(handle: IO[str], row: dict[str, Any], *, step: str, reason: str, correct: bool | None) -> None:
+def _reject(handle: IO[str], row: dict[str, Any], plan: Plan, *, step: str, reason: str, correct: bool | None) -> None:
+    plan.breakdown.dropped(row, reason)
     out = {**row, "verdict": {"correct": correct, "reason": reason}, "step": step}
     handle.write(json.dumps(out, ensure_ascii=False) + "\n")
 

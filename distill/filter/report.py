@@ -4,10 +4,65 @@ from __future__ import annotations
 
 import io
 from array import array
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from distill import files
+
+
+@dataclass
+class Breakdown:
+    """Traces in, kept and dropped (by reason) per data source, so a mixture's domains can be read apart."""
+
+    rows: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def _row(self, record: dict[str, Any]) -> dict[str, Any]:
+        return self.rows.setdefault(
+            record["source"], {"kind": record["kind"], "in": 0, "kept": 0, "dropped": Counter()}
+        )
+
+    def seen(self, record: dict[str, Any]) -> None:
+        self._row(record)["in"] += 1
+
+    def kept(self, record: dict[str, Any]) -> None:
+        self._row(record)["kept"] += 1
+
+    def dropped(self, record: dict[str, Any], reason: str) -> None:
+        self._row(record)["dropped"][reason] += 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """`by_source` and `by_kind` (domain) tables of the funnel, each adding up to its `in`."""
+        by_kind: dict[str, dict[str, Any]] = {}
+        for row in self.rows.values():
+            total = by_kind.setdefault(row["kind"], {"in": 0, "kept": 0, "dropped": Counter()})
+            total["in"] += row["in"]
+            total["kept"] += row["kept"]
+            total["dropped"].update(row["dropped"])
+        plain = {"by_source": self.rows, "by_kind": by_kind}
+        return {
+            table: {name: {**row, "dropped": _by_count(row["dropped"])} for name, row in sorted(rows.items())}
+            for table, rows in plain.items()
+        }
+
+
+def _by_count(reasons: Counter[str]) -> dict[str, int]:
+    """Most frequent first, ties by name: the same order on every run."""
+    return dict(sorted(reasons.items(), key=lambda item: (-item[1], item[0])))
+
+
+def breakdown_table(funnel: dict[str, Any]) -> list[str]:
+    """Markdown lines: one row per source (then per domain when there are several) with its top drop reasons."""
+    lines = ["| source | domain | traces in | kept | kept % | dropped by reason |", "|---|---|---:|---:|---:|---|"]
+    rows = [(name, row["kind"], row) for name, row in funnel["by_source"].items()]
+    if len(funnel["by_kind"]) > 1:
+        rows += [(f"all {kind}", kind, row) for kind, row in funnel["by_kind"].items()]
+    for name, kind, row in rows:
+        share = 100 * row["kept"] / row["in"] if row["in"] else 0.0
+        reasons = ", ".join(f"{reason} {n}" for reason, n in row["dropped"].items()) or "-"
+        lines.append(f"| {name} | {kind} | {row['in']} | {row['kept']} | {share:.1f} | {reasons} |")
+    return lines
 
 
 def funnel_table(funnel: dict[str, Any]) -> list[str]:
@@ -21,7 +76,8 @@ def funnel_table(funnel: dict[str, Any]) -> list[str]:
 
 def funnel_markdown(funnel: dict[str, Any]) -> str:
     header = [f"# Filter funnel: {funnel['in']} traces in, {funnel['out']} kept", ""]
-    return "\n".join(header + funnel_table(funnel)) + "\n"
+    by_source = ["", "## By source", "", *breakdown_table(funnel)] if funnel.get("by_source") else []
+    return "\n".join(header + funnel_table(funnel) + by_source) + "\n"
 
 
 def _png(fig: Any, path: Path) -> None:

@@ -13,12 +13,20 @@ process-count limit (a fork bomb as root spawned 30k processes in our probe). Th
 `python3` in isolated mode (`-I -S`: standard library only, no site-packages).
 Output is compared line by line with trailing whitespace and trailing blank lines ignored, and every expected line
 is required (open-r1's `zip()` comparison let a program that printed only a prefix pass).
+
+Call-based tests (APPS/TACO LeetCode-style problems, where the model writes a function, not a program) carry a
+`fn_name`: `input` is the JSON array of positional arguments and `output` the JSON of the expected return value.
+A small harness appended to the code reads the arguments from stdin, calls the module-level function of that name
+(else the method of `Solution()`), and prints the JSON result after a marker, so whatever the code itself printed is
+ignored. Results are compared as the APPS reference harness does (see `compare_call`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
+import math
 import os
 import resource
 import shutil
@@ -34,6 +42,24 @@ FILE_BYTES = 16 << 20  # any file the program writes, stdout and stderr included
 NPROC = 128  # processes the sandboxed code may add (the limit is per user: shared by concurrent sandboxes)
 NOBODY = 65534
 DETAIL_CHARS = 400
+RESULT_MARKER = "\x1e__distill_result__:"  # starts the harness's output line; no plausible program prints it
+# Appended to main.py for a call-based test. A function keeps its names out of the model's namespace, and a missing
+# function exits non-zero so it is reported as a runtime_error, not as a wrong answer.
+CALL_HARNESS = """
+
+def __distill_call(name, marker):
+    import json, sys
+    fn = globals().get(name)
+    if not callable(fn) and isinstance(globals().get("Solution"), type):
+        fn = getattr(globals()["Solution"](), name, None)
+    if not callable(fn):
+        sys.exit(f"no function named {name}")
+    result = json.dumps(fn(*json.loads(sys.stdin.read())))
+    sys.stdout.write("\\n" + marker + result + "\\n")
+
+
+__distill_call(%r, %r)
+"""
 
 
 @dataclass(frozen=True)
@@ -171,12 +197,41 @@ def compare(expected: str, actual: str) -> str | None:
     return f"{len(got) - len(want)} extra line(s)" if len(got) > len(want) else None
 
 
-def run_once(code: str, stdin: str, *, timeout_s: float) -> tuple[SandboxResult, str]:
-    """Run `code` once with `stdin`; returns the result (reason `ok` = exited 0) and the program's stdout."""
+def _same(want: object, got: object) -> bool:
+    """Equality of decoded JSON, with floats compared approximately at any depth (JSON already made tuples lists)."""
+    if isinstance(want, list) and isinstance(got, list):
+        return len(want) == len(got) and all(_same(w, g) for w, g in zip(want, got, strict=True))
+    if isinstance(want, dict) and isinstance(got, dict):
+        return want.keys() == got.keys() and all(_same(want[key], got[key]) for key in want)
+    if isinstance(want, float | int) and isinstance(got, float | int) and float in (type(want), type(got)):
+        return math.isclose(want, got, rel_tol=1e-6, abs_tol=1e-9)
+    return want == got
+
+
+def compare_call(want: object, stdout: str) -> str | None:
+    """None when the harness's result equals `want`, or `want` is a one-element list holding it (APPS wraps some
+    expected values in a list); else a short description. The result is the text after the last marker."""
+    if RESULT_MARKER not in stdout:
+        return "no result: the code exited before the function was called"
+    text = stdout.rpartition(RESULT_MARKER)[2].partition("\n")[0]
+    try:
+        got = json.loads(text)
+    except ValueError:
+        return f"result is not JSON: {text[:80]!r}"
+    if _same(want, got) or (isinstance(want, list) and len(want) == 1 and _same(want[0], got)):
+        return None
+    return f"expected {json.dumps(want)[:80]}, got {text[:80]}"
+
+
+def run_once(code: str, stdin: str, *, timeout_s: float, fn_name: str | None = None) -> tuple[SandboxResult, str]:
+    """Run `code` once with `stdin`; returns the result (reason `ok` = exited 0) and the program's stdout.
+    With `fn_name` the call harness is appended, and `stdin` is the JSON array of the function's arguments."""
     kind = isolation()
     workdir = Path(tempfile.mkdtemp(prefix="distill-sandbox-"))
     try:
         _own(workdir)
+        if fn_name is not None:
+            code += CALL_HARNESS % (fn_name, RESULT_MARKER)
         (workdir / "main.py").write_text(code, encoding="utf-8")
         (workdir / "stdin.txt").write_text(stdin, encoding="utf-8")
         script = "main.py" if kind == "bwrap" else str(workdir / "main.py")
@@ -242,13 +297,20 @@ def _classify(returncode: int, stderr: str) -> str:
 
 
 def run_tests(code: str, tests: list[dict[str, str]], *, timeout_s: float) -> SandboxResult:
-    """Run every test (in order, stopping at the first failure); `ok` only when all pass."""
+    """Run every test (in order, stopping at the first failure); `ok` only when all pass. A test with `fn_name` is
+    call-based (see the module docstring); its expected JSON is parsed first, so a broken test is a verify_error."""
     if not tests:
         return SandboxResult("verify_error", "problem has no tests", isolation())
     for index, test in enumerate(tests):
-        result, stdout = run_once(code, test["input"], timeout_s=timeout_s)
+        fn_name = test.get("fn_name")
+        try:
+            want = json.loads(test["output"]) if fn_name is not None else None
+        except ValueError as exc:
+            return SandboxResult("verify_error", f"test {index + 1}: expected output is not JSON: {exc}", isolation())
+        result, stdout = run_once(code, test["input"], timeout_s=timeout_s, fn_name=fn_name)
         if result.reason != "ok":
             return SandboxResult(result.reason, f"test {index + 1}: {result.detail}", result.isolation)
-        if (diff := compare(test["output"], stdout)) is not None:
+        diff = compare_call(want, stdout) if fn_name is not None else compare(test["output"], stdout)
+        if diff is not None:
             return SandboxResult("wrong_answer", f"test {index + 1}: {diff}", result.isolation)
     return SandboxResult("ok", f"{len(tests)} test(s) passed", isolation())
