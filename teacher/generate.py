@@ -107,6 +107,16 @@ def run(recipe: Recipe, *, ctx: StageContext) -> StageReport:
     done = store.resume()
     todo = [p for p in mine if p.id not in done]
     _log_scale(teacher, total=len(problems), dropped=dropped, mine=len(mine), todo=len(todo), shard=(index, count))
+    for source in loaded:
+        weight = "" if source.source is None or source.source.weight is None else f", weight {source.source.weight:g}"
+        log.info(
+            "generate: source %s (%s%s): %d problems; dropped on load: %s",
+            source.spec.name,
+            source.spec.kind,
+            weight,
+            len(source.problems),
+            dict(source.dropped) or "none",
+        )
     endpoint = teacher.endpoint
     stats = GenerationStats(
         price_input_per_m=endpoint.price_input_per_m if endpoint else 0.0,

@@ -20,7 +20,7 @@ import pytest
 
 from distill import files, pipeline
 from distill.errors import DistillError
-from distill.schema import Recipe
+from distill.schema import R1_PROMPT, Recipe
 
 PREFIX = "<think>\n"
 
@@ -165,7 +165,7 @@ def test_faults_are_retried_counted_and_lose_nothing(problems: Path, tmp_path: P
         body = request["body"]
         assert (body["model"], body["n"], body["max_tokens"], body["top_k"]) == ("teacher", 1, 8, 20)
         assert body["temperature"] == 0.6 and body["top_p"] == 0.95
-    prompts = {recipe.teacher.prompt.format(problem=f"What is {i} + 1?") for i in range(3)}
+    prompts = {R1_PROMPT.format(problem=f"What is {i} + 1?") for i in range(3)}  # math: R1 prompt by default
     assert {json.dumps(s["body"]["messages"]) for s in sent} == {
         json.dumps([{"role": "user", "content": p}]) for p in prompts
     }

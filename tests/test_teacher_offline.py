@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import TINY_ENGINE
 from distill import files, pipeline
 from distill.data import DataSource, load_problems
 from distill.recipe import load_recipe
 from distill.schema import Teacher
 from teacher.shards import shard_of
 from teacher.traces import GenerationStats
-from tests.conftest import TINY_ENGINE
 
 pytestmark = pytest.mark.slow
 MAX_TOKENS = 12

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import REPO, TINY_ENGINE
 from distill import files
-from tests.conftest import REPO, TINY_ENGINE
 
 pytestmark = pytest.mark.slow
 PROBLEMS, SAMPLES = 120, 2
