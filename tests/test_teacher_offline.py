@@ -13,7 +13,7 @@ from conftest import TINY_ENGINE
 from distill import files, pipeline
 from distill.data import DataSource, load_problems
 from distill.recipe import load_recipe
-from distill.schema import Teacher
+from distill.schema import R1_PROMPT, Teacher
 from teacher.shards import shard_of
 from teacher.traces import GenerationStats
 
@@ -76,7 +76,7 @@ def test_generate_offline_n2_forced_think_and_exact_token_counts(tmp_path: Path,
     )
     for row in rows:
         assert row["completion"].startswith(PREFIX)
-        assert row["prompt"] == [{"role": "user", "content": recipe.teacher.prompt.format(problem=row["problem"])}]
+        assert row["prompt"] == [{"role": "user", "content": R1_PROMPT.format(problem=row["problem"])}]
         text = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
         assert row["prompt_tokens"] == len(tokenizer.encode(text + PREFIX, add_special_tokens=False))
         assert len(tokenizer.encode(PREFIX, add_special_tokens=False)) > 0  # the forced prefix is really in it
