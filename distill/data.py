@@ -90,6 +90,8 @@ def load_source(source: DataSource) -> Loaded:
     import datasets  # heavy; imported only when data is actually read
 
     spec = load_spec(source.spec)
+    if source.where:
+        spec = spec.model_copy(update={"where": {**spec.where, **source.where}})
     where = f"data source {spec.name}"
     local = source.path or spec.path
     try:
@@ -121,7 +123,9 @@ def load_source(source: DataSource) -> Loaded:
     _check_columns(spec, table.column_names, where=location)
     render = _problem_renderer(spec)
     for index, row in enumerate(table):
-        problem, reason = _to_problem(spec, row, render=render) if _selected(spec, row) else (None, "excluded_by_spec")
+        problem, reason = (
+            _to_problem(spec, row, render=render) if _selected(spec, row) else (None, "excluded_by_where")
+        )
         if problem is None:
             loaded.dropped[reason] += 1
             log.debug("%s row %d dropped: %s", location, index, reason)
@@ -184,7 +188,11 @@ def _pick(row: dict[str, Any], spec_value: Columns | None) -> Any:
 
 
 def _selected(spec: DatasetSpec, row: dict[str, Any]) -> bool:
-    return all(row.get(key) == value for key, value in spec.where.items())
+    """Whether a row passes `where`: equal to a value, or one of a list of values."""
+    return all(
+        row.get(key) in value if isinstance(value, list) else row.get(key) == value
+        for key, value in spec.where.items()
+    )
 
 
 def _problem_renderer(spec: DatasetSpec) -> Callable[[dict[str, Any]], str] | None:

@@ -96,8 +96,8 @@ class DatasetSpec(Section):
     )
     where: dict[str, Any] = Field(
         default_factory=dict,
-        description="Keep only rows whose columns equal these values (null matches a missing value); other rows "
-        "are counted as `excluded_by_spec`.",
+        description="Keep only rows whose columns equal these values, or are one of a list of values (null matches "
+        "a missing value); other rows are counted as `excluded_by_where`.",
     )
     answer_extract: Literal["as_is", "last_boxed", "regex"] = Field(
         "as_is", description="How to get the answer from its column: as is, its last \\boxed{}, or `answer_regex`."
@@ -132,6 +132,11 @@ class DataSource(Section):
     limit: int | None = Field(None, ge=1, description="Keep only the first N problems (after the shuffle, if any).")
     seed: int | None = Field(
         None, description="Shuffle the problems with this seed before `limit` and mixing; unset keeps file order."
+    )
+    where: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Row filter added to the spec's `where` (e.g. `{category: [physics, chemistry]}`); rows left "
+        "out are counted as `excluded_by_where`.",
     )
     weight: float | None = Field(
         None,

@@ -308,7 +308,7 @@ def test_mixture_apps_taco_codeforces_and_mmlu_pro_specs_map_their_columns(tmp_p
     )
     loaded = load_source(DataSource(spec="codeforces", path=str(codeforces)))
     (square,) = loaded.problems
-    assert loaded.dropped == {"excluded_by_spec": 2}, "interactive and checker problems are counted, not run"
+    assert loaded.dropped == {"excluded_by_where": 2}, "interactive and checker problems are counted, not run"
     assert square.problem == (
         "Theatre Square\n\nTime limit per test: 1.0 seconds. Memory limit per test: 256.0 megabytes.\n\n"
         "Cover the square with flagstones.\n\nInput\nn m a\n\nOutput\nThe count.\n\nExample 1\nInput:\n6 6 4\n"
@@ -321,3 +321,36 @@ def test_mixture_apps_taco_codeforces_and_mmlu_pro_specs_map_their_columns(tmp_p
     write_jsonl(mmlu, [{**row, "answer_index": 1, "cot_content": "", "category": "physics", "src": "s"}])
     (charge,) = load_source(DataSource(spec="mmlu_pro", path=str(mmlu))).problems
     assert (charge.kind, charge.answer, charge.choices) == ("choice", "B", ["volt", "coulomb", "ohm"])
+
+
+def test_mixture_source_where_narrows_a_spec_and_counts_what_it_leaves_out(tmp_path):
+    path = tmp_path / "mmlu.jsonl"
+    categories = ["physics", "law", "chemistry", "history", "biology"]
+    write_jsonl(
+        path,
+        [
+            {"question_id": i, "question": f"Q{i}?", "options": ["a", "b"], "answer": "A", "category": c, "src": "s"}
+            for i, c in enumerate(categories)
+        ],
+    )
+    source = DataSource(spec="mmlu_pro", path=str(path), where={"category": ["physics", "chemistry", "biology"]})
+    loaded = load_source(source)
+    assert [p.meta["category"] for p in loaded.problems] == ["physics", "chemistry", "biology"]
+    assert loaded.dropped == {"excluded_by_where": 2}
+    with pytest.raises(DataError, match="filters on column 'subject'"):
+        load_source(DataSource(spec="mmlu_pro", path=str(path), where={"subject": "physics"}))
+
+
+def test_mixture_dataset_card_lists_each_source_with_domain_weight_and_prompt(tmp_path, shared_data):
+    from distill.hub_cards import dataset_card
+
+    raw = write_sources(tmp_path, shared_data)
+    raw[2]["prompt"] = "Q: {problem}\nLetter?"
+    recipe = load_recipe(write_recipe(tmp_path, {"name": "m", "data": raw}))
+    facts = {"recipe": "r", "recipe_hash": "h", "git_rev": "g", "stages": {}, "versions": {}}
+    card = dataset_card(recipe, tmp_path, rows=10, facts=facts)
+    assert "| math500 | HuggingFaceH4/MATH-500 | MIT | math | 2 | " in card
+    assert (
+        '| local_code_jsonl | local file | your own | code | 1 | "{problem}\\nPlease reason step by step, then' in card
+    )
+    assert '| local_choice_jsonl | local file | your own | choice | 1 | "Q: {problem}\\nLetter?" |' in card
