@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TypeVar
 
 from distill.errors import RecipeError
+
+T = TypeVar("T")
 
 
 def shares(weights: Sequence[float], total: int) -> list[int]:
@@ -51,3 +54,10 @@ def plan(available: Sequence[int], weights: Sequence[float], *, total: int | Non
                 f"{largest_total(available, weights)} (or lower that source's weight, or raise its `limit`)"
             )
     return counts
+
+
+def interleave(groups: Sequence[Sequence[T]]) -> list[T]:
+    """Every item, the groups spread evenly through the list (item i of a group of n sits at (i + 0.5) / n, ties in
+    group order), so any prefix of the work, e.g. a generation stopped halfway, holds the mixture's proportions."""
+    keyed = [((i + 0.5) / len(group), g, i) for g, group in enumerate(groups) for i in range(len(group))]
+    return [groups[g][i] for _, g, i in sorted(keyed)]

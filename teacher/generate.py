@@ -19,6 +19,7 @@ from typing import Any
 from distill.data import Loaded, load_problems
 from distill.errors import DistillError
 from distill.manifest import canonical_hash
+from distill.mixture import interleave
 from distill.pipeline import StageContext, StageReport
 from distill.prompts import Prompts, check_template, source_prompts
 from distill.records import Problem, Trace
@@ -96,7 +97,7 @@ def run(recipe: Recipe, *, ctx: StageContext) -> StageReport:
     teacher = _teacher(recipe)
     prompts = source_prompts(recipe.data, teacher=teacher)
     loaded = load_problems(recipe.data, recipe.mixture)
-    problems = [p for source in loaded for p in source.problems]
+    problems = interleave([source.problems for source in loaded])  # a run stopped early still holds the mix
     dropped: Counter[str] = Counter()
     for source in loaded:
         dropped.update(source.dropped)

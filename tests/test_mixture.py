@@ -13,7 +13,7 @@ import yaml
 from distill.data import load_problems, load_source
 from distill.errors import DataError, RecipeError
 from distill.files import write_jsonl
-from distill.mixture import largest_total, plan, shares
+from distill.mixture import interleave, largest_total, plan, shares
 from distill.recipe import load_recipe
 from distill.records import problem_id
 from distill.schema import DataSource, Mixture
@@ -95,6 +95,16 @@ def test_mixture_shares_add_up_and_stay_within_one_of_exact():
     assert shares([2, 1, 1], 10) == [5, 3, 2], "ties go to the earlier source"
     assert largest_total([500, 4, 4], [2, 1, 1]) == 16
     assert largest_total([7, 100], [1, 1]) == 14
+
+
+def test_mixture_interleave_keeps_proportions_in_every_prefix():
+    math, code, choice = [f"m{i}" for i in range(8)], [f"c{i}" for i in range(4)], [f"q{i}" for i in range(4)]
+    order = interleave([math, code, choice])
+    assert sorted(order) == sorted(math + code + choice) and len(order) == 16
+    for stop in range(4, 17, 4):
+        prefix = order[:stop]
+        assert [sum(x[0] == kind for x in prefix) for kind in "mcq"] == [stop // 2, stop // 4, stop // 4], stop
+    assert [x for x in order if x[0] == "m"] == math, "each source keeps its own order"
 
 
 def test_mixture_three_domains_in_proportion_deterministic_with_stable_ids(tmp_path, shared_data):
