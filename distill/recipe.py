@@ -104,7 +104,7 @@ def load_recipe(path: str | Path, *, overrides: list[str] | tuple[str, ...] = ()
         data["data"] = [data["data"]]
     for override in overrides:
         apply_override(data, override, where=where)
-    problems = _check_passthrough(data)
+    problems = _check_passthrough(data) + _check_specs(data)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
@@ -113,28 +113,42 @@ def load_recipe(path: str | Path, *, overrides: list[str] | tuple[str, ...] = ()
     if recipe and recipe.teacher and recipe.teacher.backend == "openai" and recipe.teacher.endpoint is None:
         problems.append("teacher.endpoint: required when teacher.backend is openai (base_url, api_key_env, ...)")
     if recipe:
-        problems += _check_specs(recipe)
+        problems += _check_prompts(recipe)
     if problems or recipe is None:
         raise RecipeError("\n".join(f"{where}: {line}" for line in problems))
     return recipe
 
 
-def _check_specs(recipe: Recipe) -> list[str]:
-    """Every dataset spec the recipe names exists and is valid, and every prompt template fills: found at
-    `recipe check` time, before any data is read or model loaded."""
+def _check_specs(data: dict[str, Any]) -> list[str]:
+    """Every dataset spec the raw recipe names exists and is valid: found at `recipe check` time, with the other
+    errors, before any data is read or model loaded."""
     from distill.data import load_spec
+
+    problems = []
+    filter_, eval_ = data.get("filter"), data.get("eval")
+    named = {
+        "data": data.get("data"),
+        "filter.decontaminate": filter_.get("decontaminate") if isinstance(filter_, dict) else None,
+        "eval.benchmarks": eval_.get("benchmarks") if isinstance(eval_, dict) else None,
+    }
+    for dotted, sources in named.items():
+        for index, source in enumerate(sources if isinstance(sources, list) else []):
+            spec = source.get("spec") if isinstance(source, dict) else source
+            if isinstance(spec, str):
+                try:
+                    load_spec(spec)
+                except RecipeError as exc:
+                    problems.append(f"{dotted}.{index}.spec: {exc}")
+    return problems
+
+
+def _check_prompts(recipe: Recipe) -> list[str]:
+    """Every prompt template the recipe's sources use can be filled."""
     from distill.prompts import source_prompts
 
-    named = {"data": recipe.data, "filter.decontaminate": recipe.filter.decontaminate}
-    if recipe.eval:
-        named["eval.benchmarks"] = recipe.eval.benchmarks
+    named = {"data": recipe.data, "eval.benchmarks": recipe.eval.benchmarks if recipe.eval else []}
     problems = []
     for where, sources in named.items():
-        for index, source in enumerate(sources):
-            try:
-                load_spec(source.spec)
-            except RecipeError as exc:
-                problems.append(f"{where}.{index}.spec: {exc}")
         try:
             source_prompts(sources, teacher=recipe.teacher, where=where)
         except RecipeError as exc:

@@ -181,6 +181,9 @@ def test_mixture_bad_input_fails_at_recipe_load(tmp_path, shared_data):
     unknown = recipe_errors(tmp_path, data=[raw[0], {**raw[1], "spec": "appz"}, raw[2]])
     assert unknown.startswith(f"{where}: data.1.spec: unknown dataset spec 'appz'; known specs: ")
     assert "apps" in unknown and "codeforces" in unknown and "local_code_jsonl" in unknown
+    both = recipe_errors(tmp_path, data=[raw[0], {**raw[1], "spec": "appz", "weight": 0}, raw[2]]).splitlines()
+    assert len(both) == 2 and both[0] == f"{where}: data.1.weight: Input should be greater than 0, got 0"
+    assert both[1].startswith(f"{where}: data.1.spec: unknown dataset spec 'appz'"), "every error at once"
     no_tests = {"name": "mycode", "kind": "code", "fields": {"problem": "problem"}}
     assert "fields.tests: required for kind code (spec mycode)" in recipe_errors(
         tmp_path, data=[{"spec": no_tests, "path": raw[1]["path"]}]
