@@ -81,7 +81,30 @@ def run(recipe: Recipe, *, ctx: StageContext) -> StageReport:
         train(plan)
     metrics = _finish(student, setup, fitted, plan=plan, work_dir=ctx.work_dir)
     extra = {k: metrics[k] for k in ("mode", "loss_first", "loss_last", "global_step", "train_tokens", "eos_token")}
+    if metrics["processes"]:
+        ranks = metrics["processes"]["ranks"]
+        extra.update(distributed_type=ranks[0]["distributed_type"], weights_held=[r["weights_held"] for r in ranks])
+        _warn_if_not_sharded(student, ranks)
     return StageReport(counts=counts, extra=extra)
+
+
+def _warn_if_not_sharded(student: Student, ranks: list[dict[str, Any]]) -> None:
+    """accelerate quietly runs an FSDP or DeepSpeed config as plain DDP where it cannot use it (on CPU, for one):
+    say so, because the memory the config was chosen for was not saved."""
+    from distill.recipe import read_yaml
+
+    asked = str(read_yaml(launch.config_file(student.accelerate or "")).get("distributed_type", ""))
+    ran = ranks[0]["distributed_type"]
+    if asked in ("FSDP", "DEEPSPEED") and ran != f"DistributedType.{asked}":
+        held = ", ".join(f"{r['weights_held']:.0%}" for r in ranks)
+        log.warning(
+            "student.accelerate %s asks for %s, but accelerate ran %s (weights held per rank: %s); accelerate "
+            "uses FSDP and DeepSpeed only on GPUs and other accelerators",
+            student.accelerate,
+            asked,
+            ran,
+            held,
+        )
 
 
 @dataclasses.dataclass
@@ -241,10 +264,14 @@ def _processes(scratch: Path) -> dict[str, Any] | None:
     reports = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(scratch.glob("rank-*.json"))]
     if not reports:
         return None
+    for report in reports:
+        weights = scratch / f"weights-{report['rank']}.json"
+        report.update(json.loads(weights.read_text(encoding="utf-8")) if weights.is_file() else {})
     seen = [set(r["rows"]) for r in reports]
     return {
         "ranks": [
-            {k: r[k] for k in ("rank", "world_size", "backend", "parallel_mode", "should_save")}
+            {k: r.get(k) for k in ("rank", "world_size", "backend", "parallel_mode", "should_save")}
+            | {k: r.get(k) for k in ("distributed_type", "weights_held")}
             | {"rows": len(r["rows"])}
             for r in reports
         ],

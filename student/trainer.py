@@ -112,6 +112,7 @@ def train(plan: Plan) -> dict[str, Any] | None:
         log.info("resuming from %s", checkpoint)
     _report_rank(trainer, Path(plan.scratch))
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    _report_sharding(trainer, Path(plan.scratch))
     trainer.save_model(plan.save_dir)  # writes on the process(es) with args.should_save only
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
@@ -126,6 +127,23 @@ def train(plan: Plan) -> dict[str, Any] | None:
     }
     files.write_json(Path(plan.scratch) / RESULT, result)
     return result
+
+
+def _report_sharding(trainer: Any, scratch: Path) -> None:
+    """With several processes, each one records how it ran and which share of the weights it holds after training:
+    1/world_size under FSDP or ZeRO-3 (proof the config really shards), all of them under DDP."""
+    if trainer.args.world_size <= 1:
+        return
+    local = full = 0
+    for param in trainer.model.parameters():
+        to_local = getattr(param, "to_local", None)  # FSDP2 parameters are DTensors: numel() is the global size
+        zero3 = getattr(param, "ds_numel", None)  # DeepSpeed ZeRO-3 keeps the full size here, a shard in ds_tensor
+        full += zero3 or param.numel()
+        local += to_local().numel() if to_local else param.ds_tensor.numel() if zero3 else param.numel()
+    files.write_json(
+        scratch / f"weights-{trainer.args.process_index}.json",
+        {"distributed_type": str(trainer.accelerator.distributed_type), "weights_held": round(local / full, 4)},
+    )
 
 
 def _report_rank(trainer: Any, scratch: Path) -> None:

@@ -41,8 +41,30 @@ def test_student_ddp_two_cpu_processes_train_disjoint_shards_and_save_once(
     assert processes["rows_on_several_ranks"] == 0 and processes["rows_seen"] == 48
     assert [r["rows"] for r in processes["ranks"]] == [24, 24]
     assert [r["should_save"] for r in processes["ranks"]] == [True, False]  # only rank 0 writes the model
+    assert [(r["distributed_type"], r["weights_held"]) for r in processes["ranks"]] == [
+        ("DistributedType.MULTI_CPU", 1.0)
+    ] * 2, "DDP: every rank holds every weight"
     assert metrics["global_step"] == 12 and report.extra["loss_last"] < report.extra["loss_first"]
     assert metrics["epoch"] == pytest.approx(2.0)  # 12 steps x 2 ranks x 4 rows = 2 epochs of 48: real sharding
     checkpoints = sorted(p.name for p in (tmp_path / "work" / "checkpoints").glob("checkpoint-*"))
     assert checkpoints == ["checkpoint-12", "checkpoint-6"]
     assert (tmp_path / "work" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_student_fsdp_config_on_cpu_trains_as_ddp_and_says_it_did_not_shard(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The shipped fsdp.yaml runs end to end on 2 CPU processes, but accelerate only shards on accelerators: the
+    stage measures the weights each rank holds after training and warns instead of letting DDP pass for FSDP."""
+    monkeypatch.setenv("NPROC_PER_NODE", "2")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    sft = {"max_steps": 4, "per_device_train_batch_size": 4, "report_to": "none", "seed": 0, "save_strategy": "no"}
+    recipe, runs = make_run(tmp_path, addition_rows(32), {"model": str(tiny_model), "sft": sft, "accelerate": "fsdp"})
+    with caplog.at_level("WARNING", logger="student.train"):
+        report = run(recipe, ctx=context(runs, recipe, tmp_path / "work"))
+    assert (
+        report.extra["distributed_type"] == "DistributedType.MULTI_CPU" and report.extra["weights_held"] == [1.0] * 2
+    )
+    assert "student.accelerate fsdp asks for FSDP, but accelerate ran DistributedType.MULTI_CPU" in caplog.text
+    assert report.extra["global_step"] == 4 and (tmp_path / "work" / "model.safetensors").is_file()
