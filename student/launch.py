@@ -50,6 +50,22 @@ def config_file(name: str) -> Path:
     raise RecipeError(f"student.accelerate: {name!r} is neither a file nor one of {', '.join(known)}")
 
 
+def check_backend(name: str) -> Path:
+    """The config file of `student.accelerate`, refused before any work when it needs a package that is missing
+    (DeepSpeed comes with the `gpu` extra only): better one error now than one per launched process later."""
+    import importlib.util
+
+    from distill.recipe import read_yaml
+
+    config = config_file(name)
+    if read_yaml(config).get("distributed_type") == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
+        raise RecipeError(
+            f"student.accelerate: {name} ({config}) uses DeepSpeed, which is not installed; install the gpu extra "
+            "(`pip install -e .[gpu]`, GPU machines) or use ddp / fsdp"
+        )
+    return config
+
+
 def machine_rank(env: Mapping[str, str] = os.environ) -> int:
     return int(env.get("NODE_RANK", "0"))
 

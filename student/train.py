@@ -43,6 +43,7 @@ def run(recipe: Recipe, *, ctx: StageContext) -> StageReport:
     student = recipe.student
     if student is None or "filter" not in ctx.inputs:
         raise DistillError("stage train needs a `student` section and the filter stage's output")
+    config = launch.check_backend(student.accelerate) if student.accelerate else None
     conversations = rows.read_conversations(ctx.inputs["filter"] / KEPT)
     setup = _prepare(student, work_dir=ctx.work_dir, progress=ctx.options.progress)
     fitted = rows.fit(
@@ -72,8 +73,8 @@ def run(recipe: Recipe, *, ctx: StageContext) -> StageReport:
         setup.template.end_of_turn,
     )
     counts = {"in": fitted.seen, "out": len(fitted.conversations), "dropped": fitted.dropped}
-    if student.accelerate:
-        launch.launch(launch.config_file(student.accelerate), plan=Path(plan.scratch) / PLAN)
+    if config is not None:
+        launch.launch(config, plan=Path(plan.scratch) / PLAN)
         if launch.machine_rank() != 0:  # node 0 writes the model and finishes the stage
             shutil.rmtree(plan.scratch, ignore_errors=True)
             return StageReport(counts=counts, complete=False)

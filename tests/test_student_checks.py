@@ -3,6 +3,7 @@ launcher configs are what they claim. Nothing here trains, so it runs in seconds
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -48,8 +49,26 @@ def run_stage(tmp: Path, data: list[dict], student: dict) -> None:
         ),
         ({"sft": {**FAST, "padding_free": True}}, None, RecipeError, "without packing TRL cannot enforce max_length"),
         ({"accelerate": "zero9"}, None, RecipeError, "student.accelerate: 'zero9' is neither a file nor one of ddp,"),
+        pytest.param(
+            {"accelerate": "zero3"},
+            None,
+            RecipeError,
+            "zero3.yaml) uses DeepSpeed, which is not installed; install the gpu extra",
+            marks=pytest.mark.skipif(importlib.util.find_spec("deepspeed") is not None, reason="deepspeed installed"),
+        ),
     ],
-    ids=["empty", "no_messages", "no_model", "lora_targets", "max_length", "qlora_cpu", "eos", "padding_free", "acc"],
+    ids=[
+        "empty",
+        "no_messages",
+        "no_model",
+        "lora_targets",
+        "max_length",
+        "qlora_cpu",
+        "eos",
+        "padding_free",
+        "acc",
+        "no_deepspeed",
+    ],
 )
 def test_student_bad_input_fails_before_training(
     change: dict, data: list | None, error: type, expected: str, tiny_model: Path, tmp_path: Path
