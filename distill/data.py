@@ -36,14 +36,13 @@ class Loaded:
     """Problems of one source plus every row that was not turned into a problem, counted by reason."""
 
     spec: DatasetSpec
+    source: DataSource  # the recipe entry it was loaded for
     problems: list[Problem]
     dropped: Counter[str] = field(default_factory=Counter)
     location: str = ""
-    source: DataSource | None = None
 
     def summary(self) -> dict[str, Any]:
         """What the manifest records of this source."""
-        assert self.source is not None
         return {
             "spec": self.spec.name,
             "kind": self.spec.kind,

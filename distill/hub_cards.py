@@ -13,7 +13,8 @@ from distill.data import load_spec
 from distill.errors import RecipeError
 from distill.manifest import canonical_hash, git_revision, package_versions, read_manifest
 from distill.pipeline import STAGES
-from distill.schema import KIND_PROMPTS, Recipe
+from distill.prompts import resolve_template
+from distill.schema import Recipe
 
 TAGS = ["distill", "reasoning", "chain-of-thought", "r1-distillation"]
 
@@ -64,7 +65,7 @@ def _sources(recipe: Recipe) -> list[tuple[str, ...]]:
     rows = []
     for source in recipe.data:
         spec = load_spec(source.spec)
-        template = source.prompt or (recipe.teacher and recipe.teacher.prompt) or KIND_PROMPTS[spec.kind]
+        template = resolve_template(source.prompt, teacher=recipe.teacher, kind=spec.kind)
         weight = "-" if source.weight is None else f"{source.weight:g}"
         rows.append((spec.name, spec.hub or "local file", spec.license, spec.kind, weight, json.dumps(template)))
     return rows

@@ -44,6 +44,11 @@ def source_prompts(sources: Sequence[DataSource], *, teacher: Teacher | None, wh
     return prompts
 
 
+def resolve_template(own: str | None, *, teacher: Teacher | None, kind: str) -> str:
+    """The one precedence rule: a source's own template, else `teacher.prompt`, else the answer kind's default."""
+    return own or (teacher.prompt if teacher else None) or KIND_PROMPTS[kind]
+
+
 def template_for(problem: Problem, *, teacher: Teacher, prompts: Prompts | None = None) -> str:
-    """The prompt template of one problem: its source's, else `teacher.prompt`, else its answer kind's default."""
-    return (prompts or {}).get(problem.source) or teacher.prompt or KIND_PROMPTS[problem.kind]
+    """The prompt template of one problem (`prompts`: the per-source templates of `source_prompts`)."""
+    return resolve_template((prompts or {}).get(problem.source), teacher=teacher, kind=problem.kind)

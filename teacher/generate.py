@@ -16,14 +16,14 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from distill.data import Loaded, load_problems
+from distill.data import load_problems
 from distill.errors import DistillError
 from distill.manifest import canonical_hash
 from distill.mixture import interleave
 from distill.pipeline import StageContext, StageReport
-from distill.prompts import Prompts, check_template, source_prompts
+from distill.prompts import Prompts, check_template, resolve_template, source_prompts
 from distill.records import Problem, Trace
-from distill.schema import KIND_PROMPTS, Recipe, Teacher
+from distill.schema import Recipe, Teacher
 from teacher.progress import ProgressBar
 from teacher.shards import ShardStore, shard_of
 from teacher.traces import GenerationStats, OnDone
@@ -109,7 +109,7 @@ def run(recipe: Recipe, *, ctx: StageContext) -> StageReport:
     todo = [p for p in mine if p.id not in done]
     _log_scale(teacher, total=len(problems), dropped=dropped, mine=len(mine), todo=len(todo), shard=(index, count))
     for source in loaded:
-        weight = "" if source.source is None or source.source.weight is None else f", weight {source.source.weight:g}"
+        weight = "" if source.source.weight is None else f", weight {source.source.weight:g}"
         log.info(
             "generate: source %s (%s%s): %d problems; dropped on load: %s",
             source.spec.name,
@@ -145,7 +145,13 @@ def run(recipe: Recipe, *, ctx: StageContext) -> StageReport:
         dropped=dropped,
         stats=stats,
         state=state,
-        sources=[{**source.summary(), "prompt": _template_of(source, teacher)} for source in loaded],
+        sources=[
+            {
+                **source.summary(),
+                "prompt": resolve_template(source.source.prompt, teacher=teacher, kind=source.spec.kind),
+            }
+            for source in loaded
+        ],
     )
 
 
@@ -153,11 +159,6 @@ def _teacher(recipe: Recipe) -> Teacher:
     if recipe.teacher is None:
         raise DistillError("stage generate needs a `teacher` section in the recipe")
     return recipe.teacher
-
-
-def _template_of(loaded: Loaded, teacher: Teacher) -> str:
-    assert loaded.source is not None
-    return loaded.source.prompt or teacher.prompt or KIND_PROMPTS[loaded.spec.kind]
 
 
 def _log_scale(
