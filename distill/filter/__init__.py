@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from array import array
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,13 +136,10 @@ def run(recipe: Recipe, *, ctx: StageContext) -> StageReport:
     return StageReport(counts={"in": n_in, "out": n_out, "dropped": summary["dropped"]}, extra=extra)
 
 
-def _groups(
-    rows: Iterator[dict[str, Any]], plan: Plan, *, rejected: IO[str], kinds: Counter[str]
-) -> Iterator[list[dict[str, Any]]]:
+def _groups(rows: Iterator[dict[str, Any]], plan: Plan, *, rejected: IO[str]) -> Iterator[list[dict[str, Any]]]:
     """Rows that pass the problem-level steps, grouped by consecutive problem id (dropped rows are written here)."""
     group: list[dict[str, Any]] = []
     for row in rows:
-        kinds[row["kind"]] += 1
         plan.breakdown.seen(row)
         dropped = run_steps(row, plan.problem, plan.funnel)
         if dropped is not None:
@@ -161,11 +158,10 @@ def _first_pass(
 ) -> dict[str, Any]:
     """Problem-level steps here, per-trace steps in the pool; survivors go to `spill` with their verdict.
     Returns the input count and the pass's numbers for the stage report."""
-    kinds: Counter[str] = Counter()
     in_flight: deque[list[dict[str, Any]]] = deque()
 
     def tasks() -> Iterator[list[dict[str, Any]]]:
-        for group in _groups(rows, plan, rejected=rejected, kinds=kinds):
+        for group in _groups(rows, plan, rejected=rejected):
             in_flight.append(group)
             yield [to_item(row) for row in group]
 
@@ -177,8 +173,9 @@ def _first_pass(
                 _judged(row, failed, reason, plan, seq=seq, rejected=rejected, spill=spill)
                 seq += 1
             advance(len(group))
+    kinds = plan.breakdown.kinds()
     n_in = sum(kinds.values())
-    return {"in": n_in, "kinds": dict(kinds), "verify_records_per_s": round(n_in / (time.monotonic() - start), 1)}
+    return {"in": n_in, "kinds": kinds, "verify_records_per_s": round(n_in / (time.monotonic() - start), 1)}
 
 
 def _judged(

@@ -32,6 +32,13 @@ class Breakdown:
     def dropped(self, record: dict[str, Any], reason: str) -> None:
         self._row(record)["dropped"][reason] += 1
 
+    def kinds(self) -> dict[str, int]:
+        """Traces seen per answer kind."""
+        counts: Counter[str] = Counter()
+        for row in self.rows.values():
+            counts[row["kind"]] += row["in"]
+        return dict(counts)
+
     def to_dict(self) -> dict[str, Any]:
         """`by_source` and `by_kind` (domain) tables of the funnel, each adding up to its `in`."""
         by_kind: dict[str, dict[str, Any]] = {}
