@@ -9,6 +9,7 @@ against the installed class (see `distill.passthrough`): `teacher.sampling` → 
 
 from __future__ import annotations
 
+from pathlib import PurePath
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -153,7 +154,9 @@ class DataSource(Section):
     @property
     def name(self) -> str:
         """The spec's name (what `Problem.source` holds)."""
-        return self.spec.name if isinstance(self.spec, DatasetSpec) else self.spec.removesuffix(".yaml").split("/")[-1]
+        if isinstance(self.spec, DatasetSpec):
+            return self.spec.name
+        return PurePath(self.spec).stem if self.spec.endswith((".yaml", ".yml")) else self.spec
 
 
 class Mixture(Section):

@@ -221,6 +221,8 @@ def test_mixture_inline_spec_and_short_forms(tmp_path):
     assert short.data[0].spec == "math500" and short.data[0].weight is None
     listed = load_recipe(write_recipe(tmp_path, {"name": "m", "data": ["math500", "gsm8k"]}))
     assert [s.spec for s in listed.data] == ["math500", "gsm8k"]
+    names = [DataSource(spec=spec).name for spec in ("math500", "specs/my_qa.yaml", "specs/my_qa.yml")]
+    assert names == ["math500", "my_qa", "my_qa"], "the name problems carry, whatever the spec file's suffix"
 
 
 def test_mixture_apps_taco_codeforces_and_mmlu_pro_specs_map_their_columns(tmp_path):
