@@ -85,23 +85,23 @@ def run(recipe: Recipe, *, ctx: StageContext) -> StageReport:
     if metrics["processes"]:
         ranks = metrics["processes"]["ranks"]
         extra.update(distributed_type=ranks[0]["distributed_type"], weights_held=[r["weights_held"] for r in ranks])
-        _warn_if_not_sharded(student, ranks)
+        _warn_if_not_sharded(config, ranks, name=student.accelerate)
     return StageReport(counts=counts, extra=extra)
 
 
-def _warn_if_not_sharded(student: Student, ranks: list[dict[str, Any]]) -> None:
+def _warn_if_not_sharded(config: Path | None, ranks: list[dict[str, Any]], *, name: str | None) -> None:
     """accelerate quietly runs an FSDP or DeepSpeed config as plain DDP where it cannot use it (on CPU, for one):
     say so, because the memory the config was chosen for was not saved."""
     from distill.recipe import read_yaml
 
-    asked = str(read_yaml(launch.config_file(student.accelerate or "")).get("distributed_type", ""))
+    asked = str(read_yaml(config).get("distributed_type", "")) if config else ""
     ran = ranks[0]["distributed_type"]
     if asked in ("FSDP", "DEEPSPEED") and ran != f"DistributedType.{asked}":
         held = ", ".join(f"{r['weights_held']:.0%}" for r in ranks)
         log.warning(
             "student.accelerate %s asks for %s, but accelerate ran %s (weights held per rank: %s); accelerate "
             "uses FSDP and DeepSpeed only on GPUs and other accelerators",
-            student.accelerate,
+            name,
             asked,
             ran,
             held,
