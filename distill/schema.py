@@ -111,11 +111,10 @@ class DatasetSpec(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> DatasetSpec:
-        needed = {"math": "answer", "choice": "answer", "code": "tests"}.get(self.kind)
-        if needed and getattr(self.fields, needed) is None:
-            raise ValueError(f"fields.{needed}: required for kind {self.kind} (spec {self.name})")
-        if self.kind == "choice" and self.fields.choices is None:
-            raise ValueError(f"fields.choices: required for kind choice (spec {self.name})")
+        needed = {"math": ["answer"], "choice": ["answer", "choices"], "code": ["tests"]}.get(self.kind, [])
+        for key in ["problem", *needed]:
+            if not getattr(self.fields, key):  # unset, or an empty list of column names
+                raise ValueError(f"fields.{key}: required for kind {self.kind} (spec {self.name})")
         if self.answer_extract == "regex" and not self.answer_regex:
             raise ValueError("answer_regex: required when answer_extract is regex")
         return self
