@@ -32,22 +32,23 @@ class Breakdown:
     def dropped(self, record: dict[str, Any], reason: str) -> None:
         self._row(record)["dropped"][reason] += 1
 
-    def kinds(self) -> dict[str, int]:
-        """Traces seen per answer kind."""
-        counts: Counter[str] = Counter()
+    def by_kind(self) -> dict[str, dict[str, Any]]:
+        """The per-source rows summed per answer kind (domain)."""
+        totals: dict[str, dict[str, Any]] = {}
         for row in self.rows.values():
-            counts[row["kind"]] += row["in"]
-        return dict(counts)
-
-    def to_dict(self) -> dict[str, Any]:
-        """`by_source` and `by_kind` (domain) tables of the funnel, each adding up to its `in`."""
-        by_kind: dict[str, dict[str, Any]] = {}
-        for row in self.rows.values():
-            total = by_kind.setdefault(row["kind"], {"in": 0, "kept": 0, "dropped": Counter()})
+            total = totals.setdefault(row["kind"], {"in": 0, "kept": 0, "dropped": Counter()})
             total["in"] += row["in"]
             total["kept"] += row["kept"]
             total["dropped"].update(row["dropped"])
-        plain = {"by_source": self.rows, "by_kind": by_kind}
+        return totals
+
+    def kinds(self) -> dict[str, int]:
+        """Traces seen per answer kind."""
+        return {kind: total["in"] for kind, total in self.by_kind().items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        """`by_source` and `by_kind` (domain) tables of the funnel, each adding up to its `in`."""
+        plain = {"by_source": self.rows, "by_kind": self.by_kind()}
         return {
             table: {name: {**row, "dropped": _by_count(row["dropped"])} for name, row in sorted(rows.items())}
             for table, rows in plain.items()
