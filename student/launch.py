@@ -52,7 +52,7 @@ def config_file(name: str) -> Path:
 
 def check_backend(name: str) -> Path:
     """The config file of `student.accelerate`, refused before any work when it needs a package that is missing
-    (DeepSpeed comes with the `gpu` extra only): better one error now than one per launched process later."""
+    (DeepSpeed comes with the `gpu` and `dev` extras): better one error now than one per launched process later."""
     import importlib.util
 
     from distill.recipe import read_yaml
@@ -60,8 +60,8 @@ def check_backend(name: str) -> Path:
     config = config_file(name)
     if read_yaml(config).get("distributed_type") == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
         raise RecipeError(
-            f"student.accelerate: {name} ({config}) uses DeepSpeed, which is not installed; install the gpu extra "
-            "(`pip install -e .[gpu]`, GPU machines) or use ddp / fsdp"
+            f"student.accelerate: {name} ({config}) uses DeepSpeed, which is not installed; pip install deepspeed "
+            "(the gpu extra has it) or use ddp / fsdp"
         )
     return config
 
@@ -99,11 +99,11 @@ def command(config: Path, *, plan: Path, env: Mapping[str, str] = os.environ) ->
             env.get("MASTER_PORT", "29500"),
         ]
     else:
-        cmd += ["--main_process_port", env.get("MASTER_PORT") or str(_free_port())]
+        cmd += ["--main_process_port", env.get("MASTER_PORT") or str(free_port())]
     return [*cmd, "-m", "student.launch", str(plan)]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

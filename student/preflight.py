@@ -65,12 +65,13 @@ def check_lora(config: Any, *, peft: dict[str, Any]) -> Any:
 
 
 def check_quantization(quantization: str | None, *, has_peft: bool, on_gpu: bool) -> None:
-    """QLoRA (4-bit NF4 base weights via bitsandbytes) needs a CUDA GPU and a LoRA adapter to train."""
+    """QLoRA (4-bit NF4 base weights via bitsandbytes) trains a LoRA adapter, on a CUDA GPU: it exists to fit a
+    base into GPU memory, and on CPU (where recent bitsandbytes also runs) full-precision LoRA is the plain choice."""
     if quantization is None:
         return
     if not on_gpu:
         raise RecipeError(
-            "student.quantization: 4bit (QLoRA, bitsandbytes) needs a CUDA GPU and none is visible; "
+            "student.quantization: 4bit (QLoRA, bitsandbytes) is for CUDA GPUs and none is visible; "
             "remove student.quantization to train LoRA in full precision on this machine"
         )
     if not has_peft:

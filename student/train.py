@@ -90,8 +90,8 @@ def run(recipe: Recipe, *, ctx: StageContext) -> StageReport:
 
 
 def _warn_if_not_sharded(config: Path | None, ranks: list[dict[str, Any]], *, name: str | None) -> None:
-    """accelerate quietly runs an FSDP or DeepSpeed config as plain DDP where it cannot use it (on CPU, for one):
-    say so, because the memory the config was chosen for was not saved."""
+    """accelerate quietly runs an FSDP (or DeepSpeed) config as plain DDP where it cannot use it (FSDP on CPU, for
+    one): say so, because the memory the config was chosen for was not saved."""
     from distill.recipe import read_yaml
 
     asked = str(read_yaml(config).get("distributed_type", "")) if config else ""
@@ -100,7 +100,7 @@ def _warn_if_not_sharded(config: Path | None, ranks: list[dict[str, Any]], *, na
         held = ", ".join(f"{r['weights_held']:.0%}" for r in ranks)
         log.warning(
             "student.accelerate %s asks for %s, but accelerate ran %s (weights held per rank: %s); accelerate "
-            "uses FSDP and DeepSpeed only on GPUs and other accelerators",
+            "falls back to DDP where it cannot use it (FSDP: anywhere but GPUs and other accelerators)",
             name,
             asked,
             ran,

@@ -134,16 +134,21 @@ def _report_sharding(trainer: Any, scratch: Path) -> None:
     1/world_size under FSDP or ZeRO-3 (proof the config really shards), all of them under DDP."""
     if trainer.args.world_size <= 1:
         return
+    files.write_json(
+        scratch / f"weights-{trainer.args.process_index}.json",
+        {"distributed_type": str(trainer.accelerator.distributed_type), "weights_held": weights_held(trainer.model)},
+    )
+
+
+def weights_held(model: Any) -> float:
+    """The share of the model's parameters this process holds, to 4 places."""
     local = full = 0
-    for param in trainer.model.parameters():
+    for param in model.parameters():
         to_local = getattr(param, "to_local", None)  # FSDP2 parameters are DTensors: numel() is the global size
         zero3 = getattr(param, "ds_numel", None)  # DeepSpeed ZeRO-3 keeps the full size here, a shard in ds_tensor
         full += zero3 or param.numel()
         local += to_local().numel() if to_local else param.ds_tensor.numel() if zero3 else param.numel()
-    files.write_json(
-        scratch / f"weights-{trainer.args.process_index}.json",
-        {"distributed_type": str(trainer.accelerator.distributed_type), "weights_held": round(local / full, 4)},
-    )
+    return round(local / full, 4)
 
 
 def _report_rank(trainer: Any, scratch: Path) -> None:

@@ -1,7 +1,9 @@
 """Data parallelism for real: `accelerate launch` with recipes/accelerate/ddp.yaml runs 2 CPU processes over gloo.
 
 Two independent single-process runs would also exit 0 and save (see ../shared/FACTS.md), so this asserts what only
-real DDP gives: world_size 2 on both ranks, disjoint shards that cover the data, one rank that saves."""
+real DDP gives: world_size 2 on both ranks, disjoint shards that cover the data, one rank that saves. The shipped
+fsdp.yaml runs as DDP on CPU (and says so); the FSDP share-of-weights measurement is checked on torch's own FSDP2.
+DeepSpeed ZeRO, which does run on CPU, is in test_student_zero.py."""
 
 from __future__ import annotations
 
@@ -68,3 +70,39 @@ def test_student_fsdp_config_on_cpu_trains_as_ddp_and_says_it_did_not_shard(
     )
     assert "student.accelerate fsdp asks for FSDP, but accelerate ran DistributedType.MULTI_CPU" in caplog.text
     assert report.extra["global_step"] == 4 and (tmp_path / "work" / "model.safetensors").is_file()
+
+
+def _shard_with_fsdp2(rank: int, model: str, port: int, out: str) -> None:
+    """One of 2 gloo processes: FSDP2 `fully_shard` per decoder layer and at the root, as fsdp.yaml asks of
+    accelerate on GPUs, then one forward/backward and the share of weights held."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoModelForCausalLM
+
+    from student.trainer import weights_held
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    net = AutoModelForCausalLM.from_pretrained(model)
+    for layer in net.model.layers:
+        fully_shard(layer)
+    fully_shard(net)
+    net(input_ids=torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss.backward()
+    Path(out, f"{rank}.json").write_text(json.dumps(weights_held(net)))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_weights_held_measures_real_fsdp2_shards(tiny_model: Path, tmp_path: Path) -> None:
+    """accelerate will not run FSDP on CPU, but torch's FSDP2 does: the measurement the stage reports for FSDP runs
+    on GPUs is checked here on real DTensor shards (each rank holds about half; the split is not exact)."""
+    import torch.multiprocessing as mp
+
+    from student.launch import free_port
+
+    mp.spawn(_shard_with_fsdp2, args=(str(tiny_model), free_port(), str(tmp_path)), nprocs=2)
+    held = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
+    assert sum(held) == pytest.approx(1.0) and all(0.45 < share < 0.55 for share in held), held

@@ -1,5 +1,6 @@
 """What TRL actually trains on: the collated batch masks the prompt (labels -100) and keeps the reply and its
-end-of-turn token; two LoRA steps change the adapter and leave the base weights alone."""
+end-of-turn token; two LoRA steps change the adapter and leave the base weights alone; QLoRA trains adapters over
+a real NF4 base and folds into the full-precision base."""
 
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ CPU = {
 }
 
 
-def plan_for(model: Path, tmp: Path, *, rows: list[dict], sft: dict, peft: dict | None = None) -> Plan:
+def plan_for(
+    model: Path, tmp: Path, *, rows: list[dict], sft: dict, peft: dict | None = None, quantization: str | None = None
+) -> Plan:
     from transformers import AutoConfig, AutoTokenizer
 
     chat = template.resolve(
@@ -42,7 +45,7 @@ def plan_for(model: Path, tmp: Path, *, rows: list[dict], sft: dict, peft: dict 
         template=str(tmp / "template.jinja"),
         sft={**CPU, "output_dir": str(tmp / "ckpt"), "eos_token": chat.end_of_turn, **sft},
         peft=peft,
-        quantization=None,
+        quantization=quantization,
         save_dir=str(tmp / "out"),
         scratch=str(tmp),
     )
@@ -103,3 +106,52 @@ def test_student_lora_two_steps_change_adapter_not_base(tiny_model: Path, tmp_pa
     assert any(not torch.equal(before[k], after[k]) for k in adapter if "lora_B" in k)
     base = [k for k in before if "lora_" not in k]
     assert base and all(torch.equal(before[k], after[k]) for k in base)
+
+
+@pytest.mark.slow
+def test_student_qlora_trains_adapters_over_an_nf4_base_and_merges_into_the_full_base(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """QLoRA as every training process builds it from the plan, with real bitsandbytes. The stage allows
+    `student.quantization` on CUDA GPUs only; bitsandbytes (>= 0.50) also has CPU kernels, which lets this
+    check the composition here: NF4 + double-quantized base, bf16 compute, trainable adapters only, and an
+    adapter that merges into the unquantized base as W + (alpha / r) B A."""
+    import bitsandbytes as bnb
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from student.merge import merge_adapter
+    from student.trainer import train
+
+    plan = plan_for(
+        tiny_model,
+        tmp_path,
+        rows=addition_rows(32),
+        peft={"r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
+        quantization="4bit",
+        sft={"max_steps": 20, "per_device_train_batch_size": 4, "learning_rate": 5e-3, "logging_steps": 2},
+    )
+    model = build_trainer(plan).model
+    quantized = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(quantized) == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down): every linear layer but lm_head
+    for layer in quantized:
+        assert layer.weight.dtype == torch.uint8 and layer.weight.quant_type == "nf4"
+        assert layer.weight.quant_state.nested and layer.compute_dtype == torch.bfloat16
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+
+    result = train(plan)
+    losses = [entry["loss"] for entry in result["log_history"] if "loss" in entry]
+    assert len(losses) == 10 and losses[-1] < 0.95 * losses[0]
+    adapter = Path(plan.save_dir)
+    weights = load_file(adapter / "adapter_model.safetensors")
+    assert weights and all(".lora_A." in k or ".lora_B." in k for k in weights)  # no (quantized) base weights
+
+    merged_dir = merge_adapter(adapter, out=tmp_path / "merged", base=str(tiny_model))
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert getattr(merged.config, "quantization_config", None) is None
+    prefix = "base_model.model.model.layers.0.mlp.down_proj"
+    delta = (16 / 8) * weights[f"{prefix}.lora_B.weight"].float() @ weights[f"{prefix}.lora_A.weight"].float()
+    merged_w, base_w = merged.model.layers[0].mlp.down_proj.weight, base.model.layers[0].mlp.down_proj.weight
+    assert delta.abs().max() > 1e-4 and torch.allclose(merged_w, base_w + delta, atol=1e-5)
