@@ -21,7 +21,8 @@ Two nodes under Slurm (one task per node; the same command on both; runs/ on a s
     srun bash -c 'NODE_RANK=$SLURM_NODEID distill train recipes/my-recipe.yaml'
 
 Node 0 writes the model and finishes the stage (manifest, swap into runs/<name>/train); the other nodes train and
-return without finishing it.
+return without finishing it. Every rank reports into node 0's scratch folder, so train/metrics.json lists the ranks
+of all nodes (tested with two "nodes" on one machine: tests/test_student_ddp.py).
 """
 
 from __future__ import annotations

@@ -208,6 +208,7 @@ def _write_plan(
         save_dir=str(work_dir / ADAPTER if merged else work_dir),
         scratch=str(scratch),
         push_checkpoints=push_checkpoints,
+        reports=str(work_dir / SCRATCH),
     )
     plan.write(scratch / PLAN)
     return plan
@@ -216,7 +217,7 @@ def _write_plan(
 def _finish(student: Student, setup: Setup, fitted: rows.Rows, *, plan: Plan, work_dir: Path) -> dict[str, Any]:
     """Stop token, optional merge, metrics.json and loss.png; then drop the scratch folder."""
     scratch = Path(plan.scratch)
-    result = json.loads((scratch / RESULT).read_text(encoding="utf-8"))
+    result = json.loads((plan.report_dir / RESULT).read_text(encoding="utf-8"))
     save_dir = Path(plan.save_dir)
     eos_id, pad_id = setup.template.end_of_turn_id, setup.tokenizer.pad_token_id
     outputs.write_generation_config(save_dir, base=student.model, eos_token_id=eos_id, pad_token_id=pad_id)
@@ -249,7 +250,7 @@ def _finish(student: Student, setup: Setup, fitted: rows.Rows, *, plan: Plan, wo
         "epoch": result["epoch"],
         "world_size": result["world_size"],
         "resumed_from": result["resumed_from"],
-        "processes": _processes(scratch),
+        "processes": _processes(plan.report_dir),
         "loss_first": points[0][1] if points else None,
         "loss_last": points[-1][1] if points else None,
         "log_history": result["log_history"],
@@ -260,13 +261,14 @@ def _finish(student: Student, setup: Setup, fitted: rows.Rows, *, plan: Plan, wo
     return metrics
 
 
-def _processes(scratch: Path) -> dict[str, Any] | None:
+def _processes(report_dir: Path) -> dict[str, Any] | None:
     """Summary of the per-rank reports of a multi-process run: who saved, and whether the shards overlap."""
-    reports = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(scratch.glob("rank-*.json"))]
+    reports = [json.loads(p.read_text(encoding="utf-8")) for p in report_dir.glob("rank-*.json")]
     if not reports:
         return None
+    reports.sort(key=lambda report: report["rank"])
     for report in reports:
-        weights = scratch / f"weights-{report['rank']}.json"
+        weights = report_dir / f"weights-{report['rank']}.json"
         report.update(json.loads(weights.read_text(encoding="utf-8")) if weights.is_file() else {})
     seen = [set(r["rows"]) for r in reports]
     return {

@@ -32,8 +32,15 @@ class Plan:
     peft: dict[str, Any] | None  # `peft.LoraConfig` keyword arguments; None = full fine-tuning
     quantization: str | None
     save_dir: str  # where the trained model (or adapter) and tokenizer go
-    scratch: str  # where result.json and per-rank reports go
+    scratch: str  # this node's folder for the plan and its data
     push_checkpoints: dict[str, Any] | None = None  # PushCheckpoints arguments (hub.push_checkpoints), or None
+    # where result.json and the per-rank reports go (default: scratch). On a multi-node run, node 0's scratch: the
+    # one folder every node reaches on the shared filesystem, so node 0 reads the reports of all ranks.
+    reports: str | None = None
+
+    @property
+    def report_dir(self) -> Path:
+        return Path(self.reports or self.scratch)
 
     def write(self, path: Path) -> None:
         files.write_json(path, asdict(self))
@@ -104,15 +111,15 @@ def _step(path: Path) -> int:
 
 def train(plan: Plan) -> dict[str, Any] | None:
     """Train (resuming when a checkpoint exists) and save on the main process. Returns the result on the main
-    process (also written to `scratch/result.json`), None on the others."""
+    process (also written to `report_dir/result.json`), None on the others."""
     trainer = build_trainer(plan)
     accelerator = trainer.accelerator
     checkpoint = last_checkpoint(Path(plan.sft["output_dir"]))
     if checkpoint is not None:
         log.info("resuming from %s", checkpoint)
-    _report_rank(trainer, Path(plan.scratch))
+    _report_rank(trainer, plan.report_dir)
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    _report_sharding(trainer, Path(plan.scratch))
+    _report_sharding(trainer, plan.report_dir)
     trainer.save_model(plan.save_dir)  # writes on the process(es) with args.should_save only
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
@@ -125,7 +132,7 @@ def train(plan: Plan) -> dict[str, Any] | None:
         "world_size": trainer.args.world_size,
         "resumed_from": checkpoint.name if checkpoint else None,
     }
-    files.write_json(Path(plan.scratch) / RESULT, result)
+    files.write_json(plan.report_dir / RESULT, result)
     return result
 
 

@@ -106,3 +106,44 @@ def test_weights_held_measures_real_fsdp2_shards(tiny_model: Path, tmp_path: Pat
     mp.spawn(_shard_with_fsdp2, args=(str(tiny_model), free_port(), str(tmp_path)), nprocs=2)
     held = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
     assert sum(held) == pytest.approx(1.0) and all(0.45 < share < 0.55 for share in held), held
+
+
+@pytest.mark.slow
+def test_student_two_nodes_train_as_one_world_and_node_0_finishes_the_stage(tiny_model: Path, tmp_path: Path) -> None:
+    """The README's two-node launch, with both "nodes" on this machine: the same `distill train` command twice,
+    NNODES=2 and NODE_RANK 0 / 1, one process per node, runs/ shared as on a cluster filesystem."""
+    import os
+    import subprocess
+    import sys
+
+    from student.launch import free_port
+
+    sft = {"max_steps": 6, "per_device_train_batch_size": 4, "save_steps": 3, "report_to": "none", "seed": 0}
+    _, runs = make_run(tmp_path, addition_rows(48), {"model": str(tiny_model), "sft": sft, "accelerate": "ddp"})
+    cluster = {"NNODES": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "NPROC_PER_NODE": "1"}
+    cmd = [sys.executable, "-m", "distill.cli", "train", str(tmp_path / "st.yaml"), "--runs-dir", str(runs)]
+    nodes = [
+        subprocess.Popen(
+            cmd,
+            cwd=tmp_path,
+            env={**os.environ, **cluster, "NODE_RANK": str(rank), "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    logs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], logs[1][-3000:] + logs[0][-3000:]
+    assert "train: this share is done; the stage finishes when every share is" in logs[1]
+
+    metrics = json.loads((runs / "st" / "train" / "metrics.json").read_text())
+    processes = metrics["processes"]
+    assert [(r["rank"], r["world_size"], r["should_save"]) for r in processes["ranks"]] == [
+        (0, 2, True),
+        (1, 2, False),
+    ]
+    assert [r["rows"] for r in processes["ranks"]] == [24, 24] and processes["rows_on_several_ranks"] == 0
+    assert processes["rows_seen"] == 48 and metrics["global_step"] == 6 and metrics["epoch"] == pytest.approx(1.0)
+    assert (runs / "st" / "train" / "model.safetensors").is_file()
+    assert not list((runs / "st" / ".work").iterdir())  # node 0 swapped the stage in; node 1 removed its scratch
