@@ -70,13 +70,14 @@ def build_trainer(plan: Plan) -> Any:
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=lora,
-        quantization_config=_quantization(plan.quantization),
+        quantization_config=quantization_config(plan.quantization, sft=plan.sft),
         callbacks=callbacks,
     )
 
 
-def _quantization(quantization: str | None) -> Any:
-    """QLoRA: NF4 base weights with double quantization and bf16 compute (the QLoRA paper's settings)."""
+def quantization_config(quantization: str | None, *, sft: dict[str, Any]) -> Any:
+    """QLoRA: NF4 base weights with double quantization (the QLoRA paper's settings), computing in the training
+    precision: bf16, or fp16 when the recipe trains in fp16 (GPUs without bf16, such as T4 and V100)."""
     if quantization is None:
         return None
     import torch
@@ -86,7 +87,7 @@ def _quantization(quantization: str | None) -> Any:
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_compute_dtype=torch.float16 if sft.get("fp16") else torch.bfloat16,
     )
 
 

@@ -112,10 +112,11 @@ def test_student_lora_two_steps_change_adapter_not_base(tiny_model: Path, tmp_pa
 def test_student_qlora_trains_adapters_over_an_nf4_base_and_merges_into_the_full_base(
     tiny_model: Path, tmp_path: Path
 ) -> None:
-    """QLoRA as every training process builds it from the plan, with real bitsandbytes. The stage allows
-    `student.quantization` on CUDA GPUs only; bitsandbytes (>= 0.50) also has CPU kernels, which lets this
-    check the composition here: NF4 + double-quantized base, bf16 compute, trainable adapters only, and an
-    adapter that merges into the unquantized base as W + (alpha / r) B A."""
+    """QLoRA as every training process builds it from the plan, with real bitsandbytes and the precision settings
+    a GPU run gets (bf16, gradient checkpointing). The stage allows `student.quantization` on CUDA GPUs only;
+    bitsandbytes (>= 0.50) also has CPU kernels, which lets this check the composition here: NF4 +
+    double-quantized base, bf16 compute, trainable adapters only, and an adapter that merges into the unquantized
+    base as W + (alpha / r) B A."""
     import bitsandbytes as bnb
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -129,7 +130,14 @@ def test_student_qlora_trains_adapters_over_an_nf4_base_and_merges_into_the_full
         rows=addition_rows(32),
         peft={"r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
         quantization="4bit",
-        sft={"max_steps": 20, "per_device_train_batch_size": 4, "learning_rate": 5e-3, "logging_steps": 2},
+        sft={
+            "max_steps": 20,
+            "per_device_train_batch_size": 4,
+            "learning_rate": 5e-3,
+            "logging_steps": 2,
+            "bf16": True,
+            "gradient_checkpointing": True,
+        },
     )
     model = build_trainer(plan).model
     quantized = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
@@ -155,3 +163,13 @@ def test_student_qlora_trains_adapters_over_an_nf4_base_and_merges_into_the_full
     delta = (16 / 8) * weights[f"{prefix}.lora_B.weight"].float() @ weights[f"{prefix}.lora_A.weight"].float()
     merged_w, base_w = merged.model.layers[0].mlp.down_proj.weight, base.model.layers[0].mlp.down_proj.weight
     assert delta.abs().max() > 1e-4 and torch.allclose(merged_w, base_w + delta, atol=1e-5)
+
+
+def test_student_qlora_computes_in_the_training_precision() -> None:
+    """bf16 by default; fp16 where the recipe trains in fp16 (T4, V100: no bf16), or the 4-bit matmuls would run in
+    a precision the GPU lacks."""
+    from student.trainer import quantization_config
+
+    assert quantization_config(None, sft={}) is None
+    assert quantization_config("4bit", sft={}).bnb_4bit_compute_dtype == torch.bfloat16
+    assert quantization_config("4bit", sft={"fp16": True}).bnb_4bit_compute_dtype == torch.float16
