@@ -57,6 +57,16 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen2")
 
 
+# `accelerate launch` on 2 CPU processes, one OpenMP thread each (CI machines have 2 cores)
+TWO_PROCESSES = {"NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture
+def two_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in TWO_PROCESSES.items():
+        monkeypatch.setenv(name, value)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

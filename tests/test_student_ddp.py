@@ -18,10 +18,8 @@ from student_data import addition_rows, context, make_run
 
 @pytest.mark.slow
 def test_student_ddp_two_cpu_processes_train_disjoint_shards_and_save_once(
-    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_model: Path, tmp_path: Path, two_processes: None
 ) -> None:
-    monkeypatch.setenv("NPROC_PER_NODE", "2")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     sft = {
         "max_steps": 12,
         "per_device_train_batch_size": 4,
@@ -55,12 +53,10 @@ def test_student_ddp_two_cpu_processes_train_disjoint_shards_and_save_once(
 
 @pytest.mark.slow
 def test_student_fsdp_config_on_cpu_trains_as_ddp_and_says_it_did_not_shard(
-    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tiny_model: Path, tmp_path: Path, two_processes: None, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The shipped fsdp.yaml runs end to end on 2 CPU processes, but accelerate only shards on accelerators: the
     stage measures the weights each rank holds after training and warns instead of letting DDP pass for FSDP."""
-    monkeypatch.setenv("NPROC_PER_NODE", "2")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     sft = {"max_steps": 4, "per_device_train_batch_size": 4, "report_to": "none", "seed": 0, "save_strategy": "no"}
     recipe, runs = make_run(tmp_path, addition_rows(32), {"model": str(tiny_model), "sft": sft, "accelerate": "fsdp"})
     with caplog.at_level("WARNING", logger="student.train"):

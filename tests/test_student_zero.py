@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import TWO_PROCESSES
 from distill.pipeline import StageReport
 from student.train import run
 from student_data import addition_rows, context, make_run
@@ -49,8 +50,8 @@ def train(tiny_model: Path, tmp: Path, config: str, **student: Any) -> Run:
 @pytest.fixture(scope="module")
 def runs(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
     with pytest.MonkeyPatch.context() as env:
-        env.setenv("NPROC_PER_NODE", "2")
-        env.setenv("OMP_NUM_THREADS", "1")
+        for name, value in TWO_PROCESSES.items():
+            env.setenv(name, value)
         return {
             config: train(tiny_model, tmp_path_factory.mktemp(config), config)
             for config in ("ddp", "zero2", "zero3", "zero3-offload")
@@ -86,10 +87,8 @@ def test_student_zero_config_shards_as_it_says_and_trains_the_ddp_model(
 
 @pytest.mark.slow
 def test_student_zero3_resumed_from_its_checkpoint_ends_with_the_unbroken_runs_weights(
-    runs: dict[str, Run], tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    runs: dict[str, Run], tiny_model: Path, tmp_path: Path, two_processes: None
 ) -> None:
-    monkeypatch.setenv("NPROC_PER_NODE", "2")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     train(tiny_model, tmp_path, "zero3", sft={**SFT, "max_steps": 2})  # stops after its step-2 checkpoint
     checkpoint = tmp_path / "work" / "checkpoints" / "checkpoint-2"
     assert (checkpoint / "global_step2").is_dir()  # DeepSpeed's partitioned optimizer and weight states
@@ -101,10 +100,8 @@ def test_student_zero3_resumed_from_its_checkpoint_ends_with_the_unbroken_runs_w
 
 @pytest.mark.slow
 def test_student_lora_under_zero3_saves_the_whole_adapter_and_merges(
-    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_model: Path, tmp_path: Path, two_processes: None
 ) -> None:
-    monkeypatch.setenv("NPROC_PER_NODE", "2")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     report, metrics, merged = train(tiny_model, tmp_path, "zero3", peft=LORA, merge=True)
     assert report.extra["weights_held"] == [0.5, 0.5] and metrics["mode"] == "lora" and metrics["merged"]
     adapter = load_file(tmp_path / "work" / "adapter" / "adapter_model.safetensors")
