@@ -219,6 +219,8 @@ def _finish(student: Student, setup: Setup, fitted: rows.Rows, *, plan: Plan, wo
     scratch = Path(plan.scratch)
     result = json.loads((plan.report_dir / RESULT).read_text(encoding="utf-8"))
     save_dir = Path(plan.save_dir)
+    if (save_dir / "config.json").is_file():  # a full model (an adapter folder has none)
+        outputs.drop_tied_head(save_dir)
     eos_id, pad_id = setup.template.end_of_turn_id, setup.tokenizer.pad_token_id
     outputs.write_generation_config(save_dir, base=student.model, eos_token_id=eos_id, pad_token_id=pad_id)
     if save_dir != work_dir:  # LoRA + merge: merged model at the top, adapter kept under adapter/

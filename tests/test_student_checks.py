@@ -218,3 +218,46 @@ def test_student_template_that_leaves_end_of_turn_untrained_is_rejected(tiny_mod
         template.resolve(
             AutoTokenizer.from_pretrained(tiny_model), model_type="qwen2", path=str(bad), assistant_only=True
         )
+
+
+def test_student_drops_a_saved_copy_of_the_tied_head_from_a_sharded_model(tiny_model: Path, tmp_path: Path) -> None:
+    """The ZeRO-2 wart (see test_student_zero.py) on a sharded save: the copy lives in another shard than the
+    embeddings; it goes, the index follows, and the model loads to the same logits. A head that differs is kept."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from student.outputs import drop_tied_head
+
+    model = tmp_path / "sharded"
+    shutil.copytree(tiny_model, model)
+    weights = load_file(model / "model.safetensors")
+    (model / "model.safetensors").unlink()
+    names = sorted(weights)
+    first, second = names[: len(names) // 2], [*names[len(names) // 2 :], "lm_head.weight"]
+    assert "model.embed_tokens.weight" in first
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+    shards = {"model-00001-of-00002.safetensors": first, "model-00002-of-00002.safetensors": second}
+    for shard, members in shards.items():
+        save_file({name: weights[name] for name in members}, model / shard, metadata={"format": "pt"})
+    total = sum(t.nbytes for t in weights.values())
+    index = {"metadata": {"total_size": total}, "weight_map": {n: s for s, ms in shards.items() for n in ms}}
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    before = AutoModelForCausalLM.from_pretrained(model)(ids).logits
+
+    assert drop_tied_head(model)
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    second_shard = load_file(model / "model-00002-of-00002.safetensors")
+    assert "lm_head.weight" not in index["weight_map"] and "lm_head.weight" not in second_shard
+    assert index["metadata"]["total_size"] == total - weights["lm_head.weight"].nbytes
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(model)(ids).logits, before)
+    assert not drop_tied_head(model)  # nothing left to drop
+
+    other = tmp_path / "other_head"
+    shutil.copytree(tiny_model, other)
+    save_file({**weights, "lm_head.weight": weights["lm_head.weight"] + 1}, other / "model.safetensors")
+    assert not drop_tied_head(other) and "lm_head.weight" in load_file(other / "model.safetensors")
