@@ -215,7 +215,7 @@ def _write_plan(
 
 
 def _finish(student: Student, setup: Setup, fitted: rows.Rows, *, plan: Plan, work_dir: Path) -> dict[str, Any]:
-    """Stop token, optional merge, metrics.json and loss.png; then drop the scratch folder."""
+    """Tied-head copy dropped, stop token, optional merge, metrics.json and loss.png; then drop the scratch folder."""
     scratch = Path(plan.scratch)
     result = json.loads((plan.report_dir / RESULT).read_text(encoding="utf-8"))
     save_dir = Path(plan.save_dir)
