@@ -49,7 +49,7 @@ def stream_traces(
     """Generate `teacher.sampling["n"]` traces per problem with `teacher.backend`, handing finished problems to
     `on_done` in completion order (not input order), each as its n traces sorted by sample index. Problems whose
     prompt is too long are skipped and counted in `stats.skipped` / `stats.skipped_ids`. `llm`: a loaded
-    `vllm.LLM` to reuse (vllm backend only). `prompts`: per-source templates (`teacher.prompts.source_prompts`)."""
+    `vllm.LLM` to reuse (vllm backend only). `prompts`: per-source templates (`distill.prompts.source_prompts`)."""
     if teacher.prompt is not None:
         check_template(teacher.prompt)
     if teacher.backend == "vllm":

@@ -21,14 +21,9 @@ import pytest
 from distill import files, pipeline
 from distill.errors import DistillError
 from distill.schema import R1_PROMPT, Recipe
+from student.launch import free_port  # the one free-port helper (the stage's launcher picks ports with it)
 
 PREFIX = "<think>\n"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _recipe(data: Path, *, base_url: str, model: str, n: int = 2, **endpoint) -> Recipe:
@@ -191,7 +186,7 @@ def test_exhausted_retries_stop_with_one_error_and_keep_finished_problems(proble
 
 
 def test_endpoint_down_at_start_names_the_url(problems: Path, tmp_path: Path):
-    url = f"http://127.0.0.1:{_free_port()}/v1"
+    url = f"http://127.0.0.1:{free_port()}/v1"
     with pytest.raises(DistillError, match=rf"teacher endpoint {url} is not usable: APIConnectionError"):
         _run(_recipe(problems, base_url=url, model="teacher"), tmp_path / "runs")
 
@@ -205,7 +200,7 @@ def test_missing_key_variable_is_named(problems: Path, tmp_path: Path, monkeypat
 @pytest.fixture(scope="module")
 def vllm_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The real `vllm.entrypoints.openai.api_server` serving the tiny model on loopback (one per module)."""
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     command = [
         sys.executable,
