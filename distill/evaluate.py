@@ -23,7 +23,7 @@ from distill.data import Loaded, last_boxed, load_source
 from distill.pass_at_k import score
 from distill.pipeline import StageContext, StageReport
 from distill.prompts import source_prompts
-from distill.records import Problem, Trace
+from distill.records import CUT_SHORT, Problem, Trace
 from distill.schema import Recipe, Teacher
 
 log = logging.getLogger(__name__)
@@ -193,7 +193,7 @@ def answer_key(trace: Trace) -> str:
     (choice), or the final code block with whitespace removed (code)."""
     from distill.filter.answers import choice_letter, final_code
 
-    if trace.finish_reason == "length" or "</think>" not in trace.completion:
+    if trace.finish_reason in CUT_SHORT or "</think>" not in trace.completion:
         return ""
     if trace.kind == "choice":
         return choice_letter(trace.final, n_choices=len(trace.choices or []) or 26) or ""

@@ -18,6 +18,10 @@ from typing import Any, Literal, get_args
 Kind = Literal["math", "choice", "code", "none"]
 KINDS: tuple[str, ...] = get_args(Kind)
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+# Finish reasons of a sample that was cut short: never scored, dropped by the filter as `truncated`. `length` is
+# max_tokens (vLLM, OpenAI API); `timeout` a sample whose endpoint went silent through every retry; `abort` a
+# request the engine gave up on; `content_filter` / `insufficient_system_resource` an API that stopped early.
+CUT_SHORT = frozenset({"length", "timeout", "abort", "content_filter", "insufficient_system_resource"})
 
 
 def problem_id(source: str, problem: str) -> str:
@@ -57,7 +61,7 @@ class Trace(Problem):
     completion: str
     reasoning: str  # text inside <think>...</think> ("" when there is none)
     final: str  # text after </think> (the whole completion when </think> is missing)
-    finish_reason: str  # "stop" | "length" | "abort" | backend-specific
+    finish_reason: str  # "stop", or one of CUT_SHORT, or backend-specific
     prompt_tokens: int
     completion_tokens: int
     teacher: str  # model id or path

@@ -6,8 +6,9 @@ the `Trace` fields they need (`kind`, `answer`, `choices`, `tests`, `problem`, `
 `finish_reason`) plus `has_close` (whether `</think>` was emitted). Problem-level steps (dedup, decontamination) and
 selection live in `distill.filter.problems` and `distill.filter.selection`; all of them are counted by `Funnel`.
 
-Order matters and is fixed: truncated first, before any answer extraction (R1: `finish_reason == "length"` is
-never scored), and the answer check last, so expensive verification only sees traces worth keeping.
+Order matters and is fixed: truncated first, before any answer extraction (R1: a sample cut by max_tokens is
+never scored; `distill.records.CUT_SHORT` lists every finish reason that means cut short), and the answer check
+last, so expensive verification only sees traces worth keeping.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from distill.filter import answers
-from distill.records import THINK_CLOSE, THINK_OPEN
+from distill.records import CUT_SHORT, THINK_CLOSE, THINK_OPEN
 
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
 REPEAT_N = 10  # word n-gram length for the repetition ratio (long enough that ordinary phrasing rarely repeats)
@@ -59,7 +60,7 @@ class Truncated(Step):
     name, reasons = "truncated", ("truncated",)
 
     def check(self, record: dict[str, Any]) -> str | None:
-        return "truncated" if record["finish_reason"] == "length" or not record["has_close"] else None
+        return "truncated" if record["finish_reason"] in CUT_SHORT or not record["has_close"] else None
 
 
 class EmptyReasoning(Step):
