@@ -108,21 +108,18 @@ def upload(
     repo_type: str,
     revision: str,
     private: bool,
-    ignore_patterns: list[str] | None = None,
 ) -> dict[str, str]:
     """Create the repo (if needed) and the branch, then upload `folder` to that branch. Also used by the student
-    to push each checkpoint to its own branch while it trains (`hub.push_checkpoints`)."""
+    to push each checkpoint's model files to its own branch while it trains (`hub.push_checkpoints`)."""
     api = make_api()
     api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
     api.create_branch(repo_id, branch=revision, repo_type=repo_type, exist_ok=True)
-    extra = {"ignore_patterns": ignore_patterns} if ignore_patterns else {}
     info = api.upload_folder(
         repo_id=repo_id,
         folder_path=str(folder),
         repo_type=repo_type,
         revision=revision,
         commit_message=f"distill: {folder.name} from run {revision}",
-        **extra,
     )
     log.info("pushed %s %s@%s", repo_type, repo_id, revision)
     return {"repo": repo_id, "type": repo_type, "revision": revision, "commit": str(info)}

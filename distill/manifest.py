@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from distill import files
+from distill.devices import device_facts
 from distill.errors import DataError
 
 MANIFEST = "manifest.json"
@@ -88,6 +89,7 @@ class Manifest:
     git_rev: str | None = field(default_factory=git_revision)
     host: str = field(default_factory=socket.gethostname)
     python: str = field(default_factory=platform.python_version)
+    devices: dict[str, Any] | None = field(default_factory=device_facts)  # torch's CUDA build and device count
     extra: dict[str, Any] = field(default_factory=dict)  # stage totals: tokens, cost, loss, accuracy, ...
 
     def to_dict(self) -> dict[str, Any]:

@@ -22,11 +22,19 @@ Two nodes under Slurm (one task per node; the same command on both; runs/ on a s
 
 Node 0 writes the model and finishes the stage (manifest, swap into runs/<name>/train); the other nodes train and
 return without finishing it. Every rank reports into node 0's scratch folder, so train/metrics.json lists the ranks
-of all nodes (tested with two "nodes" on one machine: tests/test_student_ddp.py).
+of all nodes (tested with two "nodes" on one machine: tests/test_student_ddp.py). Before the first step every
+process checks that the world it joined has NNODES x NPROC_PER_NODE ranks and that every node sees node 0's work
+directory (`student.trainer`): a launcher that starts one world per node, or a runs/ that is not shared, fails there
+instead of training N unrelated copies.
+
+The config file is read here and written, as resolved for the run, beside the plan: DeepSpeed configs must use the
+`standard` multi-node launcher (accelerate's default, pdsh, starts DeepSpeed on the local node only), and under FSDP
+activation checkpointing is FSDP's own (`resolve_checkpointing`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -34,12 +42,33 @@ import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from distill.errors import DistillError, RecipeError
 
 log = logging.getLogger(__name__)
 CONFIGS = Path("recipes") / "accelerate"
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / CONFIGS
+STANDARD = "standard"  # accelerate's torchrun-style DeepSpeed launcher: one launcher per node, one world
+
+
+@dataclasses.dataclass(frozen=True)
+class Launcher:
+    """`student.accelerate` read: the name as written, its file, and its settings as this run uses them."""
+
+    name: str
+    path: Path
+    settings: dict[str, Any]
+
+    @property
+    def distributed_type(self) -> str:
+        return str(self.settings.get("distributed_type", ""))
+
+    @property
+    def gpu_only(self) -> str | None:
+        """How the config says it wants GPUs (DeepSpeed, FSDP), for the refusal to train on CPU by accident."""
+        kind = self.distributed_type
+        return f"student.accelerate: {self.name} ({kind})" if kind in ("DEEPSPEED", "FSDP") else None
 
 
 def config_file(name: str) -> Path:
@@ -51,32 +80,70 @@ def config_file(name: str) -> Path:
     raise RecipeError(f"student.accelerate: {name!r} is neither a file nor one of {', '.join(known)}")
 
 
-def check_backend(name: str) -> Path:
-    """The config file of `student.accelerate`, refused before any work when it needs a package that is missing
-    (DeepSpeed comes with the `gpu` and `dev` extras): better one error now than one per launched process later."""
+def load(name: str, *, env: Mapping[str, str] = os.environ) -> Launcher:
+    """The launcher config of `student.accelerate`, refused before any work when it cannot run as asked: DeepSpeed
+    not installed (the `gpu` and `dev` extras have it), or DeepSpeed on several nodes without the standard launcher.
+    Better one error now than one per launched process, or two unrelated 8-GPU jobs, later."""
     import importlib.util
 
     from distill.recipe import read_yaml
 
-    config = config_file(name)
-    if read_yaml(config).get("distributed_type") == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
+    path = config_file(name)
+    launcher = Launcher(name=name, path=path, settings=read_yaml(path))
+    if launcher.distributed_type != "DEEPSPEED":
+        return launcher
+    if importlib.util.find_spec("deepspeed") is None:
         raise RecipeError(
-            f"student.accelerate: {name} ({config}) uses DeepSpeed, which is not installed; pip install deepspeed "
+            f"student.accelerate: {name} ({path}) uses DeepSpeed, which is not installed; pip install deepspeed "
             "(the gpu extra has it) or use ddp / fsdp"
         )
-    return config
+    multinode = (launcher.settings.get("deepspeed_config") or {}).get("deepspeed_multinode_launcher")
+    if nodes(env) > 1 and multinode != STANDARD:
+        raise RecipeError(
+            f"student.accelerate: {name} ({path}) runs DeepSpeed on {nodes(env)} nodes with the "
+            f"{multinode or 'default (pdsh)'} launcher, which starts DeepSpeed on the local node only, so each node "
+            "would train its own copy; set deepspeed_config.deepspeed_multinode_launcher: standard"
+        )
+    return launcher
+
+
+def resolve_checkpointing(launcher: Launcher, *, sft: dict[str, Any], default: bool) -> tuple[Launcher, str | None]:
+    """Under FSDP, activation checkpointing must be FSDP's (`fsdp_activation_checkpointing`): transformers refuses
+    it together with `gradient_checkpointing` at start-up, on GPUs only, and the latter costs an extra all-gather
+    per layer. Checkpointing asked for in either place (`student.sft.gradient_checkpointing`, `default` when unset,
+    or the config) becomes FSDP's; `sft` is updated in place. Returns the launcher as resolved and what was done."""
+    if launcher.distributed_type != "FSDP":
+        return launcher, None
+    fsdp = dict(launcher.settings.get("fsdp_config") or {})
+    in_config = bool(fsdp.get("fsdp_activation_checkpointing"))
+    in_sft = bool(sft.get("gradient_checkpointing", default))
+    sft["gradient_checkpointing"] = False
+    if not (in_config or in_sft):
+        return launcher, None
+    fsdp["fsdp_activation_checkpointing"] = True
+    settings = {**launcher.settings, "fsdp_config": fsdp}
+    asked = "student.sft.gradient_checkpointing" if in_sft else f"{launcher.name}'s fsdp_activation_checkpointing"
+    note = f"activation checkpointing ({asked}) runs as FSDP's fsdp_activation_checkpointing"
+    return dataclasses.replace(launcher, settings=settings), note
 
 
 def machine_rank(env: Mapping[str, str] = os.environ) -> int:
     return int(env.get("NODE_RANK", "0"))
 
 
-def command(config: Path, *, plan: Path, env: Mapping[str, str] = os.environ) -> list[str]:
-    """The `accelerate launch` command line for this machine (see the module docstring for the variables)."""
+def nodes(env: Mapping[str, str] = os.environ) -> int:
+    return int(env.get("NNODES", "1"))
+
+
+def world_size(env: Mapping[str, str] = os.environ) -> int:
+    """The processes the run must have in all: NNODES x NPROC_PER_NODE (default: the visible CUDA devices, or 1)."""
     import torch
 
-    nnodes = int(env.get("NNODES", "1"))
-    per_node = int(env.get("NPROC_PER_NODE") or torch.cuda.device_count() or 1)
+    return nodes(env) * int(env.get("NPROC_PER_NODE") or torch.cuda.device_count() or 1)
+
+
+def command(config: Path, *, plan: Path, env: Mapping[str, str] = os.environ) -> list[str]:
+    """The `accelerate launch` command line for this machine (see the module docstring for the variables)."""
     cmd = [
         sys.executable,
         "-m",
@@ -84,13 +151,13 @@ def command(config: Path, *, plan: Path, env: Mapping[str, str] = os.environ) ->
         "--config_file",
         str(config),
         "--num_processes",
-        str(nnodes * per_node),
+        str(world_size(env)),
         "--num_machines",
-        str(nnodes),
+        str(nodes(env)),
     ]
-    if nnodes > 1:
+    if nodes(env) > 1:
         if "MASTER_ADDR" not in env:
-            raise DistillError(f"NNODES={nnodes}: set MASTER_ADDR (and NODE_RANK) on every node")
+            raise DistillError(f"NNODES={nodes(env)}: set MASTER_ADDR (and NODE_RANK) on every node")
         cmd += [
             "--machine_rank",
             str(machine_rank(env)),
@@ -110,13 +177,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(config: Path, *, plan: Path) -> None:
-    """Run the launcher and wait; a failed launch is an error with the exit code (its output went to the log)."""
+def launch(launcher: Launcher, *, config: Path, plan: Path) -> None:
+    """Run the launcher on `config` (the launcher's settings as written for this run) and wait; a failed launch is
+    an error with the exit code (the processes' output went to the log)."""
     cmd = command(config, plan=plan)
     log.info("launching: %s", " ".join(cmd))
     proc = subprocess.run(cmd, check=False)
     if proc.returncode != 0:
-        raise DistillError(f"training launched with {config} failed (exit code {proc.returncode}); see the log above")
+        raise DistillError(
+            f"training launched with student.accelerate {launcher.name} ({launcher.path}) failed (exit code "
+            f"{proc.returncode}); see the log above"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,7 +195,11 @@ def main(argv: list[str] | None = None) -> int:
 
     args = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    train(Plan.read(Path(args[0])))
+    try:
+        train(Plan.read(Path(args[0])))
+    except DistillError as exc:  # one line per process instead of a traceback per rank
+        log.error("%s", exc)
+        return 1
     return 0
 
 

@@ -24,7 +24,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from distill import files
+import yaml
+
+from distill import devices, files
 from distill.errors import DataError, DistillError, RecipeError
 from distill.pipeline import StageContext, StageReport
 from distill.schema import Recipe, Student
@@ -34,7 +36,7 @@ from student.merge import merge_adapter
 from student.trainer import PLAN, RESULT, Plan, train
 
 log = logging.getLogger(__name__)
-KEPT, CHECKPOINTS, ADAPTER, SCRATCH = "kept.jsonl", "checkpoints", "adapter", ".prep"
+KEPT, CHECKPOINTS, ADAPTER, SCRATCH, LAUNCHER = "kept.jsonl", "checkpoints", "adapter", ".prep", "accelerate.yaml"
 CPU_DEFAULTS = {"use_cpu": True, "bf16": False, "gradient_checkpointing": False}  # bf16 + checkpointing: ~4x slower
 
 
@@ -43,9 +45,9 @@ def run(recipe: Recipe, *, ctx: StageContext) -> StageReport:
     student = recipe.student
     if student is None or "filter" not in ctx.inputs:
         raise DistillError("stage train needs a `student` section and the filter stage's output")
-    config = launch.check_backend(student.accelerate) if student.accelerate else None
+    launcher = launch.load(student.accelerate) if student.accelerate else None
     conversations = rows.read_conversations(ctx.inputs["filter"] / KEPT)
-    setup = _prepare(student, work_dir=ctx.work_dir, progress=ctx.options.progress)
+    setup = _prepare(student, work_dir=ctx.work_dir, progress=ctx.options.progress, launcher=launcher)
     fitted = rows.fit(
         conversations,
         tokenizer=setup.tokenizer,
@@ -73,8 +75,8 @@ def run(recipe: Recipe, *, ctx: StageContext) -> StageReport:
         setup.template.end_of_turn,
     )
     counts = {"in": fitted.seen, "out": len(fitted.conversations), "dropped": fitted.dropped}
-    if config is not None:
-        launch.launch(config, plan=Path(plan.scratch) / PLAN)
+    if setup.launcher is not None:
+        launch.launch(setup.launcher, config=Path(plan.scratch) / LAUNCHER, plan=Path(plan.scratch) / PLAN)
         if launch.machine_rank() != 0:  # node 0 writes the model and finishes the stage
             shutil.rmtree(plan.scratch, ignore_errors=True)
             return StageReport(counts=counts, complete=False)
@@ -85,23 +87,21 @@ def run(recipe: Recipe, *, ctx: StageContext) -> StageReport:
     if metrics["processes"]:
         ranks = metrics["processes"]["ranks"]
         extra.update(distributed_type=ranks[0]["distributed_type"], weights_held=[r["weights_held"] for r in ranks])
-        _warn_if_not_sharded(config, ranks, name=student.accelerate)
+        _warn_if_not_sharded(setup.launcher, ranks)
     return StageReport(counts=counts, extra=extra)
 
 
-def _warn_if_not_sharded(config: Path | None, ranks: list[dict[str, Any]], *, name: str | None) -> None:
+def _warn_if_not_sharded(launcher: launch.Launcher | None, ranks: list[dict[str, Any]]) -> None:
     """accelerate quietly runs an FSDP (or DeepSpeed) config as plain DDP where it cannot use it (FSDP on CPU, for
     one): say so, because the memory the config was chosen for was not saved."""
-    from distill.recipe import read_yaml
-
-    asked = str(read_yaml(config).get("distributed_type", "")) if config else ""
+    asked = launcher.distributed_type if launcher else ""
     ran = ranks[0]["distributed_type"]
-    if asked in ("FSDP", "DEEPSPEED") and ran != f"DistributedType.{asked}":
+    if launcher and asked in ("FSDP", "DEEPSPEED") and ran != f"DistributedType.{asked}":
         held = ", ".join(f"{r['weights_held']:.0%}" for r in ranks)
         log.warning(
             "student.accelerate %s asks for %s, but accelerate ran %s (weights held per rank: %s); accelerate "
             "falls back to DDP where it cannot use it (FSDP: anywhere but GPUs and other accelerators)",
-            name,
+            launcher.name,
             asked,
             ran,
             held,
@@ -115,9 +115,10 @@ class Setup:
     sft: dict[str, Any]  # resolved SFTConfig keyword arguments
     limit: int  # row length budget in tokens
     splits: bool  # packing cuts overlong rows into several packed rows instead of truncating them
+    launcher: launch.Launcher | None  # student.accelerate, as resolved for this run (None: train in this process)
 
 
-def _prepare(student: Student, *, work_dir: Path, progress: bool) -> Setup:
+def _prepare(student: Student, *, work_dir: Path, progress: bool, launcher: launch.Launcher | None) -> Setup:
     """Every check that can fail before training, in the order that reports the cheapest fix first."""
     import torch
     from transformers import AutoTokenizer
@@ -127,7 +128,7 @@ def _prepare(student: Student, *, work_dir: Path, progress: bool) -> Setup:
     preflight.check_quantization(student.quantization, has_peft=student.peft is not None, on_gpu=on_gpu)
     if student.peft is not None:
         preflight.check_lora(config, peft=student.peft)
-    sft = _sft_arguments(student, work_dir=work_dir, on_gpu=on_gpu, progress=progress)
+    sft, launcher = _sft_arguments(student, work_dir=work_dir, on_gpu=on_gpu, progress=progress, launcher=launcher)
     tokenizer = AutoTokenizer.from_pretrained(student.model)
     chat = template.resolve(
         tokenizer,
@@ -152,10 +153,14 @@ def _prepare(student: Student, *, work_dir: Path, progress: bool) -> Setup:
     sft["max_length"] = resolved.max_length
     log.info("student.sft as passed to trl.SFTConfig: %s", sft)
     splits = bool(resolved.packing) and resolved.packing_strategy in ("wrapped", "bfd_split")
-    return Setup(tokenizer=tokenizer, template=chat, sft=sft, limit=limit, splits=splits)
+    return Setup(tokenizer=tokenizer, template=chat, sft=sft, limit=limit, splits=splits, launcher=launcher)
 
 
-def _sft_arguments(student: Student, *, work_dir: Path, on_gpu: bool, progress: bool) -> dict[str, Any]:
+def _sft_arguments(
+    student: Student, *, work_dir: Path, on_gpu: bool, progress: bool, launcher: launch.Launcher | None
+) -> tuple[dict[str, Any], launch.Launcher | None]:
+    """The `trl.SFTConfig` keyword arguments: the recipe's, plus what distill decides (each logged), and the
+    launcher config as this run must use it."""
     sft = dict(student.sft)
     if "chat_template_path" in sft:
         raise RecipeError(
@@ -165,10 +170,41 @@ def _sft_arguments(student: Student, *, work_dir: Path, on_gpu: bool, progress: 
     sft["output_dir"] = str(work_dir / CHECKPOINTS)
     sft.setdefault("disable_tqdm", not progress)
     if not on_gpu:
+        if sft.get("use_cpu") is not True:
+            devices.refuse_cpu_fallback(
+                what="stage train",
+                launcher=launcher.gpu_only if launcher else None,
+                escape="set student.sft.use_cpu: true",
+            )
         applied = {key: value for key, value in CPU_DEFAULTS.items() if key not in sft}
         sft.update(applied)
         log.info("no CUDA device: training on CPU with %s (set them in student.sft to override)", applied)
-    return sft
+    elif student.peft is not None:
+        # TRL loads a model named by path in fp32 unless told otherwise: a frozen 7B base would take ~30 GB per GPU
+        # before activations. LoRA/QLoRA never update it, so it is loaded in the training precision.
+        init = dict(sft.get("model_init_kwargs") or {})
+        if "dtype" not in init:
+            init["dtype"] = "float16" if sft.get("fp16") else "bfloat16"
+            sft["model_init_kwargs"] = init
+            log.info(
+                "%s: the frozen base is loaded in %s (set student.sft.model_init_kwargs.dtype to override)",
+                _mode(student),
+                init["dtype"],
+            )
+    if launcher is not None:
+        launcher, note = launch.resolve_checkpointing(
+            launcher, sft=sft, default=_sft_default("gradient_checkpointing")
+        )
+        if note:
+            log.info("student.accelerate %s: %s; student.sft.gradient_checkpointing is off", launcher.name, note)
+    return sft, launcher
+
+
+def _sft_default(name: str) -> Any:
+    """`trl.SFTConfig`'s own default for `name` (TRL turns some TrainingArguments defaults around)."""
+    from trl import SFTConfig
+
+    return next(f.default for f in dataclasses.fields(SFTConfig) if f.name == name)
 
 
 def _validated(sft: dict[str, Any]) -> Any:
@@ -197,6 +233,8 @@ def _write_plan(
     data, template_file = scratch / "train.jsonl", scratch / "chat_template.jinja"
     files.write_jsonl(data, ({"messages": messages} for messages in fitted.conversations))
     files.write_text(template_file, setup.template.text)
+    if setup.launcher is not None:
+        files.write_text(scratch / LAUNCHER, yaml.safe_dump(setup.launcher.settings, sort_keys=False))
     merged = student.peft is not None and student.merge
     plan = Plan(
         model=student.model,
@@ -209,6 +247,7 @@ def _write_plan(
         scratch=str(scratch),
         push_checkpoints=push_checkpoints,
         reports=str(work_dir / SCRATCH),
+        world_size=launch.world_size() if setup.launcher is not None else None,
     )
     plan.write(scratch / PLAN)
     return plan
@@ -252,6 +291,7 @@ def _finish(student: Student, setup: Setup, fitted: rows.Rows, *, plan: Plan, wo
         "epoch": result["epoch"],
         "world_size": result["world_size"],
         "resumed_from": result["resumed_from"],
+        "pushed_checkpoints": result["pushed_checkpoints"],  # hub.push_checkpoints: sent and failed uploads
         "processes": _processes(plan.report_dir),
         "loss_first": points[0][1] if points else None,
         "loss_last": points[-1][1] if points else None,
@@ -275,7 +315,7 @@ def _processes(report_dir: Path) -> dict[str, Any] | None:
     seen = [set(r["rows"]) for r in reports]
     return {
         "ranks": [
-            {k: r.get(k) for k in ("rank", "world_size", "backend", "parallel_mode", "should_save")}
+            {k: r.get(k) for k in ("rank", "world_size", "backend", "parallel_mode", "device", "should_save")}
             | {k: r.get(k) for k in ("distributed_type", "weights_held")}
             | {"rows": len(r["rows"])}
             for r in reports

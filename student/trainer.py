@@ -3,7 +3,9 @@
 
 Resume: checkpoints live in `sft.output_dir` inside the stage's work directory, which the runner keeps across a
 killed run, so a rerun continues from the newest complete checkpoint (one whose trainer_state.json is readable;
-the Trainer writes it last, so a checkpoint cut short by a kill is skipped).
+the Trainer writes it last, so a checkpoint cut short by a kill is skipped). With several processes, the main
+process alone picks it and tells the others (`agree_on_resume`), which also proves every node shares its work
+directory: nodes that each decided for themselves would hang a run whose runs/ was copied rather than shared.
 """
 
 from __future__ import annotations
@@ -11,11 +13,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from distill import files
+from distill.errors import DistillError
+from student.checkpoints import PushCheckpoints
 
 log = logging.getLogger(__name__)
 PLAN, RESULT = "plan.json", "result.json"
@@ -37,6 +42,8 @@ class Plan:
     # where result.json and the per-rank reports go (default: scratch). On a multi-node run, node 0's scratch: the
     # one folder every node reaches on the shared filesystem, so node 0 reads the reports of all ranks.
     reports: str | None = None
+    # processes the launch must start in all (NNODES x NPROC_PER_NODE); None when training runs in the stage itself
+    world_size: int | None = None
 
     @property
     def report_dir(self) -> Path:
@@ -57,7 +64,6 @@ def build_trainer(plan: Plan) -> Any:
     from trl import SFTConfig, SFTTrainer
 
     from datasets import Dataset
-    from student.checkpoints import PushCheckpoints
 
     tokenizer = AutoTokenizer.from_pretrained(plan.model)
     tokenizer.chat_template = Path(plan.template).read_text(encoding="utf-8")
@@ -115,7 +121,8 @@ def train(plan: Plan) -> dict[str, Any] | None:
     process (also written to `report_dir/result.json`), None on the others."""
     trainer = build_trainer(plan)
     accelerator = trainer.accelerator
-    checkpoint = last_checkpoint(Path(plan.sft["output_dir"]))
+    check_world_size(trainer.args.world_size, expected=plan.world_size)
+    checkpoint = agree_on_resume(accelerator, plan)
     if checkpoint is not None:
         log.info("resuming from %s", checkpoint)
     _report_rank(trainer, plan.report_dir)
@@ -125,6 +132,7 @@ def train(plan: Plan) -> dict[str, Any] | None:
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return None
+    pushes = [c for c in trainer.callback_handler.callbacks if isinstance(c, PushCheckpoints)]
     result = {
         "train_runtime": output.metrics.get("train_runtime"),
         "global_step": trainer.state.global_step,
@@ -132,9 +140,57 @@ def train(plan: Plan) -> dict[str, Any] | None:
         "log_history": trainer.state.log_history,
         "world_size": trainer.args.world_size,
         "resumed_from": checkpoint.name if checkpoint else None,
+        "pushed_checkpoints": pushes[0].wait() if pushes else None,  # after the last collective: nobody waits
     }
     files.write_json(plan.report_dir / RESULT, result)
     return result
+
+
+def check_world_size(actual: int, *, expected: int | None) -> None:
+    """Fail before the first step when the launch did not make one world of every process: accelerate's default
+    DeepSpeed launcher on several nodes (pdsh) starts one world per node, each training its own copy of the model
+    on the same data while both rank 0s write the same files."""
+    if expected is not None and actual != expected:
+        raise DistillError(
+            f"this process joined a world of {actual} processes, but the launch asked for {expected} "
+            "(NNODES x NPROC_PER_NODE): each group would train its own copy of the model on the same data. For "
+            "DeepSpeed on several nodes set deepspeed_config.deepspeed_multinode_launcher: standard"
+        )
+
+
+def agree_on_resume(accelerator: Any, plan: Plan) -> Path | None:
+    """The checkpoint every process resumes from, picked by the main process alone. It writes its pick under a
+    fresh name into the report directory (node 0's work directory) and broadcasts it; the first process of each
+    node reads it back from its own view of that directory, so a node whose runs/ is not node 0's fails here, with
+    every rank, instead of resuming differently and hanging. A fresh file name means no node has a cached "no such
+    file" for it (NFS caches negative lookups)."""
+    output_dir = Path(plan.sft["output_dir"])
+    if accelerator.num_processes == 1:
+        return last_checkpoint(output_dir)
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    choice: list[Any] = [None]
+    if accelerator.is_main_process:
+        found = last_checkpoint(output_dir)
+        choice = [{"marker": f"node0-{secrets.token_hex(8)}.json", "resume": found.name if found else None}]
+        files.write_json(plan.report_dir / choice[0]["marker"], choice[0])
+    broadcast_object_list(choice)
+    marker = plan.report_dir / choice[0]["marker"]
+    shared = True
+    if accelerator.is_local_main_process:
+        try:
+            shared = json.loads(marker.read_text(encoding="utf-8")) == choice[0]
+        except (OSError, json.JSONDecodeError):
+            shared = False
+    node = int(os.environ.get("NODE_RANK", "0"))
+    blind = sorted({rank for rank, ok in gather_object([(node, shared)]) if not ok})
+    if blind:
+        raise DistillError(
+            f"node(s) {', '.join(map(str, blind))} cannot see node 0's work directory ({marker.parent} has no "
+            f"{marker.name}): runs/ must be one directory on a filesystem every node shares (the same path, or "
+            "--runs-dir), since node 0 keeps the checkpoints, the resume point and the rank reports there"
+        )
+    return output_dir / choice[0]["resume"] if choice[0]["resume"] else None
 
 
 def _report_sharding(trainer: Any, scratch: Path) -> None:
@@ -177,6 +233,7 @@ def _report_rank(trainer: Any, scratch: Path) -> None:
             "pid": os.getpid(),
             "backend": dist.get_backend() if dist.is_initialized() else None,
             "parallel_mode": str(args.parallel_mode),
+            "device": str(args.device),
             "should_save": args.should_save,
             "rows": rows,
         },

@@ -17,6 +17,8 @@ from distill import files
 from distill.pipeline import StageContext, StageOptions
 from distill.recipe import load_recipe
 from distill.schema import Recipe
+from student import template
+from student.trainer import Plan
 
 PROMPT = "What is {a} + {b}? Please reason step by step, and put your final answer within \\boxed{{}}."
 
@@ -71,3 +73,39 @@ def context(runs: Path, recipe: Recipe, work: Path) -> StageContext:
     """A StageContext for calling `student.train.run` directly (the runner's work dir, made by hand)."""
     work.mkdir(parents=True, exist_ok=True)
     return StageContext(runs / recipe.name, work, {"filter": runs / recipe.name / "filter"}, StageOptions())
+
+
+# SFTConfig settings of a CPU training process (what the stage's CPU defaults give), for plans made by hand
+CPU = {
+    "assistant_only_loss": True,
+    "use_cpu": True,
+    "bf16": False,
+    "gradient_checkpointing": False,
+    "report_to": "none",
+    "seed": 0,
+}
+
+
+def plan_for(
+    model: Path, tmp: Path, *, rows: list[dict], sft: dict, peft: dict | None = None, quantization: str | None = None
+) -> Plan:
+    from transformers import AutoConfig, AutoTokenizer
+
+    chat = template.resolve(
+        AutoTokenizer.from_pretrained(model),
+        model_type=AutoConfig.from_pretrained(model).model_type,
+        path=None,
+        assistant_only=True,
+    )
+    files.write_jsonl(tmp / "train.jsonl", ({"messages": r["messages"]} for r in rows))
+    files.write_text(tmp / "template.jinja", chat.text)
+    return Plan(
+        model=str(model),
+        data=str(tmp / "train.jsonl"),
+        template=str(tmp / "template.jinja"),
+        sft={**CPU, "output_dir": str(tmp / "ckpt"), "eos_token": chat.end_of_turn, **sft},
+        peft=peft,
+        quantization=quantization,
+        save_dir=str(tmp / "out"),
+        scratch=str(tmp),
+    )

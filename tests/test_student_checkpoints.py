@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -47,8 +48,18 @@ def test_student_pushes_each_checkpoint_to_its_own_branch(tmp_path: Path, tiny_m
         assert upload["repo_id"] == "me/ckpt-student" and upload["folder_path"].endswith(
             f"checkpoint-{upload['revision'].rsplit('-', 1)[1]}"
         )
-        assert "model.safetensors" in upload["files"] and "optimizer.pt" in upload["ignore_patterns"]
+        assert sorted(upload["files"]) == [
+            "chat_template.jinja",
+            "config.json",
+            "generation_config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ], "model files only: no optimizer, scheduler, RNG or trainer state"
     assert all(kwargs["private"] for name, kwargs in api.calls if name == "create_repo")
+    pushed = json.loads((tmp_path / "work" / "metrics.json").read_text())["pushed_checkpoints"]
+    assert [p["revision"] for p in pushed["sent"]] == [f"{branch}-step-2", f"{branch}-step-4"] and not pushed["failed"]
+    assert not list((tmp_path / "work" / "checkpoints" / ".push").iterdir()), "sent snapshots are removed"
 
 
 def test_student_push_checkpoints_needs_a_model_repo(tmp_path: Path) -> None:

@@ -58,9 +58,12 @@ def test_student_fsdp_config_on_cpu_trains_as_ddp_and_says_it_did_not_shard(
     """The shipped fsdp.yaml runs end to end on 2 CPU processes, but accelerate only shards on accelerators: the
     stage measures the weights each rank holds after training and warns instead of letting DDP pass for FSDP."""
     sft = {"max_steps": 4, "per_device_train_batch_size": 4, "report_to": "none", "seed": 0, "save_strategy": "no"}
+    # use_cpu: an FSDP config promises GPUs; checkpointing asked the way every recipe asks becomes FSDP's own
+    sft |= {"use_cpu": True, "gradient_checkpointing": True}
     recipe, runs = make_run(tmp_path, addition_rows(32), {"model": str(tiny_model), "sft": sft, "accelerate": "fsdp"})
-    with caplog.at_level("WARNING", logger="student.train"):
+    with caplog.at_level("INFO", logger="student.train"):
         report = run(recipe, ctx=context(runs, recipe, tmp_path / "work"))
+    assert "runs as FSDP's fsdp_activation_checkpointing; student.sft.gradient_checkpointing is off" in caplog.text
     assert (
         report.extra["distributed_type"] == "DistributedType.MULTI_CPU" and report.extra["weights_held"] == [1.0] * 2
     )

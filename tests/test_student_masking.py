@@ -10,45 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill import files
 from distill.tinymodel import build_tiny_model
-from student import template
-from student.trainer import Plan, build_trainer
-from student_data import addition_row, addition_rows
-
-CPU = {
-    "assistant_only_loss": True,
-    "use_cpu": True,
-    "bf16": False,
-    "gradient_checkpointing": False,
-    "report_to": "none",
-    "seed": 0,
-}
-
-
-def plan_for(
-    model: Path, tmp: Path, *, rows: list[dict], sft: dict, peft: dict | None = None, quantization: str | None = None
-) -> Plan:
-    from transformers import AutoConfig, AutoTokenizer
-
-    chat = template.resolve(
-        AutoTokenizer.from_pretrained(model),
-        model_type=AutoConfig.from_pretrained(model).model_type,
-        path=None,
-        assistant_only=True,
-    )
-    files.write_jsonl(tmp / "train.jsonl", ({"messages": r["messages"]} for r in rows))
-    files.write_text(tmp / "template.jinja", chat.text)
-    return Plan(
-        model=str(model),
-        data=str(tmp / "train.jsonl"),
-        template=str(tmp / "template.jinja"),
-        sft={**CPU, "output_dir": str(tmp / "ckpt"), "eos_token": chat.end_of_turn, **sft},
-        peft=peft,
-        quantization=quantization,
-        save_dir=str(tmp / "out"),
-        scratch=str(tmp),
-    )
+from student.trainer import build_trainer
+from student_data import addition_row, addition_rows, plan_for
 
 
 @pytest.fixture(scope="module")

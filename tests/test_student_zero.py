@@ -33,6 +33,7 @@ SFT = {
     "save_steps": 2,
     "report_to": "none",
     "seed": 0,
+    "use_cpu": True,  # a DeepSpeed config promises GPUs: training on CPU must be asked for
 }
 LORA = {"r": 8, "lora_alpha": 16, "target_modules": "all-linear"}
 Run = tuple[StageReport, dict[str, Any], dict[str, torch.Tensor]]  # report, metrics.json, saved weights
