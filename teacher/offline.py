@@ -3,8 +3,9 @@
 `LLM.generate` returns only when every prompt is done, so a crash loses the whole call. Instead this backend keeps
 the engine's queue topped up (twice what the scheduler can run at once, so continuous batching never starves) and
 steps the engine itself, handing each problem over the moment its n samples finish. The prompt is rendered here
-(chat template + generation prompt + `think_prefix`) and tokenised once, which also gives the exact prompt length
-to skip prompts the model cannot take before the engine rejects the whole batch.
+(chat template + generation prompt + `think_prefix`, written once even when the template ends with it, as R1's
+does) and tokenised once, which also gives the exact prompt length to skip prompts the model cannot take before
+the engine rejects the whole batch.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 from distill.errors import DistillError
 from distill.records import Problem, Trace
 from distill.schema import Teacher
-from teacher.prompts import Prompts, messages
+from teacher.prompts import Prompts, generation_prompt, messages
 from teacher.traces import GenerationStats, OnDone, make_trace
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ def _tokenised(
         raise DistillError(f"teacher.model {teacher.model}: its tokenizer has no chat template to build the prompt")
     for problem in problems:
         chat = messages(problem, teacher=teacher, prompts=prompts)
-        text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) + teacher.think_prefix
+        text = generation_prompt(tokenizer, chat, think_prefix=teacher.think_prefix)
         # The template already holds any BOS/special tokens; adding them again would double the BOS.
         token_ids = tokenizer.encode(text, add_special_tokens=False)
         if len(token_ids) >= max_len:

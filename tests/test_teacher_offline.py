@@ -1,5 +1,5 @@
 """The generate stage with the real vLLM engine (CPU) on the tiny model: n > 1, `<think>` forcing, token counts,
-dropped/skipped problems, `--shard`, and the reusable `generate_traces` call."""
+dropped/skipped problems, `--shard`, the reusable `generate_traces` call, and one `<think>` under an R1 template."""
 
 from __future__ import annotations
 
@@ -8,12 +8,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from teacher_templates import r1_copy
 
 from conftest import TINY_ENGINE
 from distill import files, pipeline
 from distill.data import DataSource, load_problems
 from distill.recipe import load_recipe
+from distill.records import Problem, problem_id
 from distill.schema import R1_PROMPT, Teacher
+from teacher.prompts import generation_prompt
 from teacher.shards import shard_of
 from teacher.traces import GenerationStats
 
@@ -133,3 +136,28 @@ def test_generate_traces_keeps_input_order_and_reuses_an_engine(tiny_model: Path
     assert stats.problems == 7 and stats.completion_tokens == sum(t.completion_tokens for t in traces)
     again = generate_traces(problems[:2], teacher=teacher, llm=llm)
     assert [t.id for t in again] == [problems[0].id] * 3 + [problems[1].id] * 3
+
+
+def test_r1_template_that_opens_think_itself_gets_one_prefix(tiny_model: Path, tmp_path: Path):
+    """DeepSeek-R1 / R1-Distill templates end the generation prompt with `<think>\\n`: the prompt holds one."""
+    from transformers import AutoTokenizer
+
+    from teacher.generate import generate_traces
+
+    model = r1_copy(tiny_model, tmp_path / "r1")
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    problems = [
+        Problem(id=problem_id("t", text), source="t", kind="math", problem=text, answer="1")
+        for text in ("What is 1 + 2?", "What is 2 + 2?")
+    ]
+    teacher = Teacher(model=str(model), sampling={"n": 1, "max_tokens": 4}, engine=TINY_ENGINE)
+    traces = generate_traces(problems, teacher=teacher)
+    think = tokenizer.convert_tokens_to_ids("<think>")
+    for trace in traces:
+        rendered = tokenizer.apply_chat_template(trace.prompt, tokenize=False, add_generation_prompt=True)
+        assert rendered.endswith("assistant\n" + PREFIX), "the copy's template opens the think block itself"
+        text = generation_prompt(tokenizer, trace.prompt, think_prefix=PREFIX)
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        assert ids.count(think) == 1
+        assert trace.prompt_tokens == len(tokenizer.encode(rendered, add_special_tokens=False)) == len(ids)
+        assert trace.completion.startswith(PREFIX)

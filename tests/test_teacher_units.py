@@ -15,7 +15,7 @@ from distill.records import Problem, Trace, problem_id, split_reasoning
 from distill.schema import Recipe, Teacher
 from teacher.generate import input_hash
 from teacher.progress import ProgressBar
-from teacher.prompts import messages, normalise_completion
+from teacher.prompts import messages, normalise_completion, with_think_prefix
 from teacher.shards import ShardStore, shard_of
 from teacher.traces import GenerationStats, make_trace
 
@@ -150,6 +150,20 @@ def test_reasoning_field_and_inline_reasoning_normalise_alike():
     assert separate == inline == prompted == "<think>\n2+2=4\n</think>\n\n\\boxed{4}"
     assert split_reasoning(separate) == ("2+2=4", "\\boxed{4}")
     assert normalise_completion("plain", reasoning=None, think_prefix="") == "plain"
+
+
+@pytest.mark.parametrize(
+    "rendered, prefix, expected",
+    [
+        ("<|im_start|>assistant\n", "<think>\n", "<|im_start|>assistant\n<think>\n"),  # Qwen: the prefix is added
+        ("<｜Assistant｜><think>\n", "<think>\n", "<｜Assistant｜><think>\n"),  # R1 / R1-Distill: already there
+        ("<｜Assistant｜><think>", "<think>\n", "<｜Assistant｜><think>\n"),  # only the missing newline
+        ("<｜Assistant｜><think>\n\n", "<think>\n", "<｜Assistant｜><think>\n\n"),  # more whitespace: left alone
+        ("<|im_start|>assistant\n", "", "<|im_start|>assistant\n"),  # prefix disabled
+    ],
+)
+def test_think_prefix_is_written_once(rendered: str, prefix: str, expected: str):
+    assert with_think_prefix(rendered, prefix) == expected
 
 
 def _local_recipe(path: Path, **data) -> Recipe:
