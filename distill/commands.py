@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from distill import pipeline
-from distill.errors import StageNotBuilt
+from distill.errors import RecipeError, StageNotBuilt
 from distill.recipe import dump_recipe, load_recipe
 from distill.schema import Recipe
 
@@ -66,8 +66,14 @@ def recipe(args: argparse.Namespace) -> int:
     if args.recipe_command == "show":
         print(dump_recipe(load_recipe(args.recipe, overrides=args.overrides)), end="")
     elif args.recipe_command == "check":
+        from distill import lengths
+
         for path in args.recipes:
-            load_recipe(path)
+            problems, notes = lengths.check(load_recipe(path))
+            if problems:
+                raise RecipeError("\n".join(f"{path}: {line}" for line in problems))
+            for note in notes:
+                log.info("%s: %s", path, note)
             print(f"{path}: ok")
     elif args.readme:
         from distill.reference import update_readme

@@ -251,6 +251,13 @@ class Filter(Section):
         description="Drop traces whose assistant turn is longer than this, counted with the student's "
         "tokenizer (`student.model`, loaded only when this is set).",
     )
+    warn_too_long_share: float | None = Field(
+        0.2,
+        ge=0,
+        le=1,
+        description="Warn (log, manifest, funnel.md) when `max_tokens` removes more than this share of the traces "
+        "that reach it: long traces are the hard problems' ones; null disables.",
+    )
     max_cjk_ratio: float | None = Field(
         0.05,
         ge=0,
@@ -298,6 +305,12 @@ class Student(Section):
     sft: dict[str, Any] = Field(
         default_factory=lambda: {"assistant_only_loss": True},
         description="`trl.SFTConfig` fields; `assistant_only_loss: true` is merged in unless you set it.",
+    )
+    base_config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Overrides of the base model's config.json, applied when it loads for training and so saved in "
+        "the trained model's config.json (eval's vLLM and Hub users get them), e.g. a longer context: "
+        "`{max_position_embeddings: 32768, rope_theta: 300000}`. Keys are checked against the model's config class.",
     )
     peft: dict[str, Any] | None = Field(None, description="`peft.LoraConfig` fields; absent means full fine-tuning.")
     quantization: Literal["4bit"] | None = Field(None, description="`4bit`: QLoRA via bitsandbytes (GPU only).")

@@ -8,6 +8,7 @@ generation_config.json (the trained end-of-turn token) are kept; the base's are 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -18,6 +19,9 @@ from distill.errors import DistillError
 
 log = logging.getLogger(__name__)
 GENERATION_CONFIG = "generation_config.json"
+# `student.base_config` as applied to the base when the adapter was trained (a longer context, a new rope_theta):
+# the base loads with it again here, so the merged model keeps the context the adapter was trained at.
+MODEL_CONFIG = "model_config.json"
 
 
 def merge_adapter(adapter: Path, *, out: Path, base: str | None = None) -> Path:
@@ -33,7 +37,10 @@ def merge_adapter(adapter: Path, *, out: Path, base: str | None = None) -> Path:
     base = base or PeftConfig.from_pretrained(adapter).base_model_name_or_path
     if not base:
         raise DistillError(f"{adapter}/adapter_config.json names no base model; pass --base")
-    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
+    overrides = (
+        json.loads((adapter / MODEL_CONFIG).read_text(encoding="utf-8")) if (adapter / MODEL_CONFIG).is_file() else {}
+    )
+    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto", **overrides)
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     has_tokenizer = (adapter / "tokenizer_config.json").is_file()
     tokenizer = AutoTokenizer.from_pretrained(adapter if has_tokenizer else base)

@@ -25,18 +25,6 @@ def load_config(model: str) -> Any:
         raise RecipeError(f"student.model: {model}: cannot load its config.json ({exc})") from None
 
 
-def check_context(config: Any, *, max_length: int | None) -> int:
-    """The longest sequence the model can take; `sft.max_length` above it is an error (positions past it are
-    untrained or out of range). Returns the length budget rows are measured against."""
-    context = getattr(config.get_text_config(), "max_position_embeddings", None)
-    if max_length is not None and context is not None and max_length > context:
-        raise RecipeError(
-            f"student.sft.max_length: {max_length} is larger than the model's context "
-            f"({context} positions, max_position_embeddings); lower it to at most {context}"
-        )
-    return max_length or context or 2**31
-
-
 def check_lora(config: Any, *, peft: dict[str, Any]) -> Any:
     """Build the `peft.LoraConfig` and make sure its target_modules match something in this architecture."""
     import peft as peft_lib
@@ -80,3 +68,26 @@ def check_quantization(quantization: str | None, *, has_peft: bool, on_gpu: bool
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise RecipeError("student.quantization: 4bit needs bitsandbytes: pip install 'distill[gpu]'") from None
+
+
+# Optional GPU kernels a recipe can ask for, and the package each needs (the `gpu` extra has liger-kernel).
+KERNELS = {
+    ("use_liger_kernel", True): ("liger_kernel", "liger-kernel"),
+    ("attn_implementation", "flash_attention_2"): ("flash_attn", "flash-attn"),
+    ("attn_implementation", "flash_attention_3"): ("flash_attn_interface", "flash-attn-3"),
+}
+
+
+def check_kernels(sft: dict[str, Any]) -> None:
+    """A kernel package the recipe asks for must be installed: transformers fails only once the model loads, in
+    every launched process, after the queue wait."""
+    import importlib.util
+
+    asked = {"use_liger_kernel": sft.get("use_liger_kernel")}
+    asked["attn_implementation"] = (sft.get("model_init_kwargs") or {}).get("attn_implementation")
+    for (key, value), (module, package) in KERNELS.items():
+        if asked[key] == value and importlib.util.find_spec(module) is None:
+            where = "student.sft." + ("model_init_kwargs." if key == "attn_implementation" else "") + key
+            raise RecipeError(
+                f"{where}: {value} needs the {package} package, which is not installed; pip install {package}"
+            )

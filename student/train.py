@@ -26,13 +26,13 @@ from typing import Any
 
 import yaml
 
-from distill import devices, files
+from distill import devices, files, lengths
 from distill.errors import DataError, DistillError, RecipeError
 from distill.pipeline import StageContext, StageReport
 from distill.schema import Recipe, Student
 from student import launch, outputs, preflight, rows, template
 from student.checkpoints import checkpoint_target
-from student.merge import merge_adapter
+from student.merge import MODEL_CONFIG, merge_adapter
 from student.trainer import PLAN, RESULT, Plan, train
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,7 @@ class Setup:
     limit: int  # row length budget in tokens
     splits: bool  # packing cuts overlong rows into several packed rows instead of truncating them
     launcher: launch.Launcher | None  # student.accelerate, as resolved for this run (None: train in this process)
+    base_config: dict[str, Any]  # student.base_config as from_pretrained applies it ({}: the base's own config)
 
 
 def _prepare(student: Student, *, work_dir: Path, progress: bool, launcher: launch.Launcher | None) -> Setup:
@@ -129,6 +130,8 @@ def _prepare(student: Student, *, work_dir: Path, progress: bool, launcher: laun
     if student.peft is not None:
         preflight.check_lora(config, peft=student.peft)
     sft, launcher = _sft_arguments(student, work_dir=work_dir, on_gpu=on_gpu, progress=progress, launcher=launcher)
+    overrides = _with_base_config(sft, config=config, base_config=student.base_config)
+    preflight.check_kernels(sft)
     tokenizer = AutoTokenizer.from_pretrained(student.model)
     chat = template.resolve(
         tokenizer,
@@ -149,11 +152,36 @@ def _prepare(student: Student, *, work_dir: Path, progress: bool, launcher: laun
             "student.sft.padding_free: without packing TRL cannot enforce max_length; set "
             "student.sft.max_length: null (rows beyond the model's context are then dropped) or packing"
         )
-    limit = preflight.check_context(config, max_length=resolved.max_length)
+    context = lengths.context(config, overrides)
+    limit = lengths.check_max_length(context, max_length=resolved.max_length, extended=bool(overrides))
     sft["max_length"] = resolved.max_length
     log.info("student.sft as passed to trl.SFTConfig: %s", sft)
     splits = bool(resolved.packing) and resolved.packing_strategy in ("wrapped", "bfd_split")
-    return Setup(tokenizer=tokenizer, template=chat, sft=sft, limit=limit, splits=splits, launcher=launcher)
+    return Setup(
+        tokenizer=tokenizer,
+        template=chat,
+        sft=sft,
+        limit=limit,
+        splits=splits,
+        launcher=launcher,
+        base_config=overrides,
+    )
+
+
+def _with_base_config(sft: dict[str, Any], *, config: Any, base_config: dict[str, Any]) -> dict[str, Any]:
+    """Put `student.base_config` into `sft.model_init_kwargs` as `from_pretrained` takes it (rope keys inside
+    rope_parameters); the loaded model then carries it into every saved config.json. Returns what was applied."""
+    overrides = lengths.init_kwargs(config, base_config)
+    if overrides:
+        init = dict(sft.get("model_init_kwargs") or {})
+        clash = sorted(init.keys() & overrides.keys())
+        if clash:
+            raise RecipeError(
+                f"student.sft.model_init_kwargs.{clash[0]}: also set by student.base_config; set it there only"
+            )
+        sft["model_init_kwargs"] = {**init, **overrides}
+        log.info("student.base_config: the base loads with %s", overrides)
+    return overrides
 
 
 def _sft_arguments(
@@ -260,6 +288,8 @@ def _finish(student: Student, setup: Setup, fitted: rows.Rows, *, plan: Plan, wo
     save_dir = Path(plan.save_dir)
     if (save_dir / "config.json").is_file():  # a full model (an adapter folder has none)
         outputs.drop_tied_head(save_dir)
+    elif setup.base_config:  # an adapter: its base must load extended wherever it is merged (eval, distill merge)
+        files.write_json(save_dir / MODEL_CONFIG, setup.base_config)
     eos_id, pad_id = setup.template.end_of_turn_id, setup.tokenizer.pad_token_id
     outputs.write_generation_config(save_dir, base=student.model, eos_token_id=eos_id, pad_token_id=pad_id)
     if save_dir != work_dir:  # LoRA + merge: merged model at the top, adapter kept under adapter/
@@ -273,6 +303,7 @@ def _finish(student: Student, setup: Setup, fitted: rows.Rows, *, plan: Plan, wo
     metrics = {
         "mode": _mode(student),
         "merged": save_dir != work_dir,
+        "base_config": setup.base_config,  # student.base_config as applied to the base (context extension)
         "chat_template": setup.template.source,
         "eos_token": setup.template.end_of_turn,
         "eos_token_id": eos_id,

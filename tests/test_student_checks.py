@@ -38,7 +38,7 @@ def run_stage(tmp: Path, data: list[dict], student: dict) -> None:
             {"sft": {**FAST, "max_length": 4096}},
             None,
             RecipeError,
-            "max_length: 4096 is larger than the model's context (2048 positions",
+            "max_length: 4096 is larger than the student's context (2048 positions",
         ),
         (
             {"quantization": "4bit", "peft": {"r": 4}},

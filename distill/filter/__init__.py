@@ -124,6 +124,9 @@ def run(recipe: Recipe, *, ctx: StageContext) -> StageReport:
     summary = {**plan.funnel.to_dict(n_in=n_in, n_out=n_out), **plan.breakdown.to_dict()}
     if sum(summary["dropped"].values()) + n_out != n_in:
         raise DistillError(f"filter funnel does not add up: {n_in} in, {n_out} kept, {summary['dropped']} dropped")
+    if warning := report.length_warning(summary, max_share=config.warn_too_long_share):
+        log.warning("filter: %s", warning)
+        summary["warnings"] = extra["warnings"] = [warning]
     _write_reports(ctx.work_dir, summary, tokens, chars)
     if extra["kinds"].get("code"):
         from distill.filter.sandbox import isolation

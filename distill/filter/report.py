@@ -82,8 +82,24 @@ def funnel_table(funnel: dict[str, Any]) -> list[str]:
     return lines
 
 
+def length_warning(funnel: dict[str, Any], *, max_share: float | None) -> str | None:
+    """The warning when the length filter removes more than `max_share` of the traces that reach it: the long
+    traces are the hard problems' ones, so a tight `filter.max_tokens` quietly leaves mostly easy problems."""
+    step = next((s for s in funnel["steps"] if s["name"] == "too_long"), None)
+    if max_share is None or step is None or not step["seen"] or step["dropped"] / step["seen"] <= max_share:
+        return None
+    return (
+        f"filter.max_tokens removed {step['dropped']} of the {step['seen']} traces that reached it "
+        f"({step['dropped'] / step['seen']:.0%}, more than filter.warn_too_long_share {max_share:.0%}): long traces "
+        "are the hard problems' ones; extend the student's context (student.base_config) and raise "
+        "filter.max_tokens and student.sft.max_length to keep them"
+    )
+
+
 def funnel_markdown(funnel: dict[str, Any]) -> str:
     header = [f"# Filter funnel: {funnel['in']} traces in, {funnel['out']} kept", ""]
+    for warning in funnel.get("warnings", []):
+        header += [f"> **Warning:** {warning}", ""]
     by_source = ["", "## By source", "", *breakdown_table(funnel)] if funnel.get("by_source") else []
     return "\n".join(header + funnel_table(funnel) + by_source) + "\n"
 
