@@ -75,6 +75,15 @@ def recipe(args: argparse.Namespace) -> int:
             for note in notes:
                 log.info("%s: %s", path, note)
             print(f"{path}: ok")
+    elif args.recipe_command == "plan":
+        import json
+        import os
+
+        from distill import scale
+
+        gpus = args.gpus or int(os.environ.get("NNODES", "1")) * int(os.environ.get("NPROC_PER_NODE", "1"))
+        figures = scale.plan(load_recipe(args.recipe, overrides=args.overrides), runs_dir=args.runs_dir, gpus=gpus)
+        print(json.dumps(figures, indent=1) if args.json else scale.render(figures), end="\n" if args.json else "")
     elif args.readme:
         from distill.reference import update_readme
 

@@ -190,3 +190,64 @@ def test_filter_warns_when_the_length_limit_removes_too_much(tiny_model: Path, t
     assert expected in manifest.extra["warnings"][0]
     assert f"> **Warning:** {expected}" in (tmp_path / "runs" / "warned" / "filter" / "funnel.md").read_text()
     assert "warnings" not in run_filter("tolerated", warn_too_long_share=0.8).extra
+
+
+# Qwen2.5-Math-1.5B's published config.json (the numbers only: no weights are needed to plan)
+QWEN25_MATH_15B = {
+    "hidden_size": 1536,
+    "intermediate_size": 8960,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 2,
+    "vocab_size": 151936,
+    "max_position_embeddings": 4096,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": True,
+}
+
+
+@pytest.mark.parametrize("path", sorted(Path("recipes").glob("*.yaml")), ids=lambda p: p.stem)
+def test_recipe_plan_runs_on_every_shipped_recipe(path: Path, capsys) -> None:
+    assert cli_main(["recipe", "plan", str(path), "--gpus", "8"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("plan for ") and "problems" in out
+
+
+def test_recipe_plan_of_the_1_5b_recipe_matches_the_hand_computed_figures(
+    tmp_path: Path, shared_data: Path, capsys
+) -> None:
+    from transformers import Qwen2Config
+
+    Qwen2Config(**QWEN25_MATH_15B, architectures=["Qwen2ForCausalLM"]).save_pretrained(tmp_path / "base")
+    local = [
+        f"{{spec: {name}, path: {shared_data / name / 'test.jsonl'}}}" for name in ("math500", "aime24", "aime25")
+    ]
+    args = ["--set", f"student.model={tmp_path / 'base'}", "--set", f"eval.benchmarks=[{', '.join(local)}]"]
+    recipe = "recipes/r1-distill-qwen2.5-math-1.5b.yaml"
+    assert cli_main(["recipe", "plan", recipe, "--gpus", "8", "--json", "--runs-dir", str(tmp_path), *args]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    generations = 20_000 * 4  # data.limit x teacher.sampling.n
+    assert plan["problems"] == {"value": 20_000, "how": "at most `limit`"}
+    assert plan["teacher"]["generations"] == generations
+    assert plan["teacher"]["completion_tokens_at_most"] == generations * 32_768
+    student = plan["student"]
+    assert student["sequences_per_step"] == 1 * 16 * 8  # batch x accumulation x GPUs
+    assert student["steps_per_epoch"] == 625 and student["tokens_per_epoch_at_most"] == generations * 32_768
+    memory = student["memory_per_gpu"]
+    params = 1_543_714_304  # Qwen2.5-1.5B: 1.54B with tied embeddings
+    h, layers, inter, kv, tokens = 1536, 28, 8960, 2 * 128, 32_768
+    states = params * (2 + 14 / 8)  # ZeRO-2 over 8 GPUs: bf16 weights whole, gradients + Adam sharded
+    activations = layers * 2 * tokens * h + tokens * (2 * (6 * h + 2 * kv) + 2 * 4 * inter)
+    assert memory["parameters"] == params
+    assert memory["model_states"] == round(states / 2**30, 2) == 5.39
+    assert memory["activations"] == round(activations / 2**30, 2) == 5.41
+    assert memory["logits"] == 0.0, "use_liger_kernel: the logits are never materialised"
+    assert memory["total"] == round((states + activations) / 2**30, 2)
+    evaluation = plan["eval"]
+    assert {name: b["value"] for name, b in evaluation["benchmarks"].items()} == {
+        "math500": 500,
+        "aime24": 30,
+        "aime25": 30,
+    }
+    assert evaluation["generations"] == 560 * 16 * 2  # problems x n x (student + base)
+    assert evaluation["completion_tokens_at_most"] == 560 * 16 * 2 * 32_768
