@@ -322,3 +322,24 @@ def test_two_nodes_without_a_shared_runs_dir_fail_before_the_first_step(tiny_mod
         assert "node(s) 1 cannot see node 0's work directory" in log, log[-3000:]
     assert not list((runs / "st" / ".work").glob("*/checkpoints/checkpoint-*")), "no step was trained"
     assert json.loads((runs / "st" / "filter" / "manifest.json").read_text())["stage"] == "filter"
+
+
+@pytest.mark.parametrize(
+    ("sft", "message"),
+    [
+        ({"use_liger_kernel": True}, "student.sft.use_liger_kernel: True needs the liger-kernel package"),
+        (
+            {"model_init_kwargs": {"attn_implementation": "flash_attention_2"}},
+            "student.sft.model_init_kwargs.attn_implementation: flash_attention_2 needs the flash-attn package",
+        ),
+    ],
+)
+def test_kernel_packages_a_recipe_asks_for_are_checked_before_training(
+    sft: dict, message: str, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for module in ("liger_kernel", "flash_attn"):
+        monkeypatch.setitem(sys.modules, module, None)  # what the import system reports where it is not installed
+    recipe, runs = make_run(tmp_path, addition_rows(4), {"model": str(tiny_model), "sft": {**FAST, **sft}})
+    with pytest.raises(RecipeError, match=message):
+        run(recipe, ctx=context(runs, recipe, tmp_path / "work"))
+    assert not (tmp_path / "work" / ".prep").exists()
