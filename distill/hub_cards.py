@@ -20,8 +20,9 @@ TAGS = ["distill", "reasoning", "chain-of-thought", "r1-distillation"]
 
 
 def lineage(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
-    """Everything needed to tell exactly how a run's outputs were made (no secrets, no local paths beyond names)."""
-    stages = {}
+    """Everything needed to tell exactly how a run's outputs were made (no secrets, no local paths beyond names),
+    including the models an endpoint teacher said it ran (traces per model and per system fingerprint)."""
+    stages, reported = {}, {}
     for name in STAGES:
         manifest = read_manifest(run_dir / name)
         if manifest is not None:
@@ -29,10 +30,13 @@ def lineage(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
                 key: getattr(manifest, key)
                 for key in ("section_hash", "input_hash", "output_hash", "finished_at", "counts")
             }
+            if name == "generate":
+                reported = {key: manifest.extra.get(key, {}) for key in ("reported_models", "system_fingerprints")}
     return {
         "recipe": recipe.name,
         "recipe_hash": canonical_hash(recipe.model_dump(mode="json")),
         "stages": stages,
+        "teacher_reported": reported,
         "versions": package_versions(),
         "git_rev": git_revision(),
     }
@@ -100,6 +104,7 @@ def dataset_card(recipe: Recipe, filter_dir: Path, *, rows: int, facts: dict[str
         "## Teacher",
         "",
         f"- model: `{teacher.model if teacher else 'unknown'}` ({teacher.backend if teacher else ''})",
+        *_reported_lines(teacher.model if teacher else None, facts.get("teacher_reported", {})),
         f"- sampling: `{json.dumps(teacher.sampling if teacher else {}, sort_keys=True)}`",
         "",
         "## Filter",
@@ -117,6 +122,20 @@ def dataset_card(recipe: Recipe, filter_dir: Path, *, rows: int, facts: dict[str
         *_lineage_section(facts),
     ]
     return _front_matter(meta) + "\n" + "\n".join(body)
+
+
+def _reported_lines(model: str | None, reported: dict[str, dict[str, int]]) -> list[str]:
+    """What the endpoint said it ran: an API alias (`deepseek-reasoner`) can serve another model than its name."""
+    lines = []
+    models = reported.get("reported_models", {})
+    if models:
+        named = ", ".join(f"`{name}` ({count} generated traces)" for name, count in sorted(models.items()))
+        differs = f" (not `{model}`, the configured name: the traces are the reported model's)"
+        lines.append(f"- model reported by the endpoint: {named}" + (differs if set(models) - {model} else ""))
+    fingerprints = reported.get("system_fingerprints", {})
+    if fingerprints:
+        lines.append("- system fingerprints: " + ", ".join(f"`{fp}` ({n})" for fp, n in sorted(fingerprints.items())))
+    return lines
 
 
 def _size(rows: int) -> str:

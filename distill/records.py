@@ -62,11 +62,15 @@ class Trace(Problem):
     reasoning: str  # text inside <think>...</think> ("" when there is none)
     final: str  # text after </think> (the whole completion when </think> is missing)
     finish_reason: str  # "stop", or one of CUT_SHORT, or backend-specific
-    prompt_tokens: int
+    prompt_tokens: int  # 0 when unknown: a sample that timed out before the server reported its usage
     completion_tokens: int
-    teacher: str  # model id or path
+    teacher: str  # model id or path, as configured (`teacher.model`)
     sampling: dict[str, Any]  # the sampling settings that produced it
     latency_s: float = 0.0
+    # What an endpoint said it ran (None offline, and in rows written before these fields): an alias such as
+    # `deepseek-reasoner` moves between models, so `teacher` alone does not say whose traces these are.
+    reported_model: str | None = None
+    system_fingerprint: str | None = None
 
     @classmethod
     def from_dict(cls, row: dict[str, Any], *, where: str) -> Trace:

@@ -224,6 +224,9 @@ def _report(
         "prompt_tokens": totals.get("prompt_tokens", 0),
         "completion_tokens": totals.get("completion_tokens", 0),
         "finish_reasons": totals["finish_reasons"],
+        "timed_out": totals["finish_reasons"].get("timeout", 0),  # endpoint samples silent through every retry
+        "reported_models": totals["reported_models"],  # traces per model the endpoint said it ran
+        "system_fingerprints": totals["system_fingerprints"],
         "cost_usd": round(cost, 6),
         "retries": dict(retries),
         "retries_total": sum(retries.values()),
@@ -232,13 +235,14 @@ def _report(
         "tokens_per_s": round(state["generated_tokens"] / max(state["generation_s"], 1e-9), 1),
     }
     log.info(
-        "generate: %d problems, %d traces, %s prompt + %s completion tokens, $%.2f, %d retries",
+        "generate: %d problems, %d traces, %s prompt + %s completion tokens, $%.2f, %d retries, %d timed out",
         totals["problems"],
         totals.get("traces", 0),
         f"{extra['prompt_tokens']:,}",
         f"{extra['completion_tokens']:,}",
         cost,
         extra["retries_total"],
+        extra["timed_out"],
     )
     counts = {"in": loaded_in, "out": totals["problems"], "dropped": dict(dropped), "traces": totals.get("traces", 0)}
     return StageReport(counts=counts, extra=extra)

@@ -133,10 +133,12 @@ class ShardStore:
         ]
 
     def totals(self) -> dict[str, Any]:
-        """Totals over every shard file: what the stage's output really holds."""
+        """Totals over every shard file: what the stage's output really holds. Rows without a reported model or
+        fingerprint (offline vLLM, or written before traces recorded them) are not counted in those two."""
         problems: set[str] = set()
         totals: Counter[str] = Counter()
         finish: Counter[str] = Counter()
+        reported: dict[str, Counter[str]] = {"reported_model": Counter(), "system_fingerprint": Counter()}
         for i in range(self.count):
             path = self.work_dir / f"shard-{i}-of-{self.count}.jsonl"
             for row in files.read_jsonl(path) if path.exists() else ():
@@ -145,7 +147,16 @@ class ShardStore:
                 totals["prompt_tokens"] += row["prompt_tokens"]
                 totals["completion_tokens"] += row["completion_tokens"]
                 finish[row["finish_reason"]] += 1
-        return {**totals, "problems": len(problems), "finish_reasons": dict(finish)}
+                for key, counter in reported.items():
+                    if row.get(key) is not None:
+                        counter[row[key]] += 1
+        return {
+            **totals,
+            "problems": len(problems),
+            "finish_reasons": dict(finish),
+            "reported_models": dict(reported["reported_model"]),
+            "system_fingerprints": dict(reported["system_fingerprint"]),
+        }
 
 
 class ShardWriter:
