@@ -50,17 +50,20 @@ class Stage:
         return self.reads(recipe, options) if self.reads else self.upstream
 
 
-# Endpoint URL, key variable, concurrency, timeouts, retries and prices change how traces are fetched, not which:
-# a generation resumes across them (e.g. shards talking to different servers).
+# Endpoint URL, key variable, concurrency, streaming, timeouts, retries (and the finish reasons retried) and prices
+# change how traces are fetched, not which: a generation resumes across them (e.g. shards talking to different
+# servers). `extra_body` changes what is generated, so it stays in the fingerprint.
 ENDPOINT_HOW = tuple(
     f"teacher.endpoint.{key}"
     for key in (
         "base_url",
         "api_key_env",
         "max_concurrency",
+        "stream",
         "timeout_s",
         "max_retries",
         "backoff_s",
+        "retry_finish_reasons",
         "price_input_per_m",
         "price_output_per_m",
     )

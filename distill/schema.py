@@ -168,16 +168,39 @@ class Mixture(Section):
     )
 
 
+# Request fields distill fills from the recipe's own keys (OWN_FIELDS_FROM), so `endpoint.extra_body` must not.
+OWN_FIELDS_FROM = "teacher.model, the prompt, sampling.n, endpoint.stream, endpoint.continue_final_message"
+OWN_FIELDS = ("model", "messages", "n", "stream", "stream_options", "continue_final_message", "add_generation_prompt")
+
+
 class Endpoint(Section):
     base_url: str = Field(description="OpenAI-compatible base URL, e.g. `http://127.0.0.1:8000/v1`.")
     api_key_env: str = Field(
         "OPENAI_API_KEY", description="Name of the environment variable holding the API key (never the key itself)."
     )
     max_concurrency: int = Field(64, ge=1, description="Requests in flight at once.")
-    timeout_s: float = Field(600.0, gt=0, description="Per-request timeout; a timeout is retried like a 5xx.")
-    max_retries: int = Field(8, ge=0, description="Retries per request on 429/5xx/timeouts/malformed bodies.")
+    stream: bool = Field(True, description="Stream answers, so `timeout_s` bounds the gaps, not whole samples.")
+    timeout_s: float = Field(
+        600.0, gt=0, description="Longest silence: between chunks with `stream`, else the wait for a whole answer."
+    )
+    max_retries: int = Field(
+        8,
+        ge=0,
+        description="Retries per sample on 429/5xx/timeouts/malformed bodies; a sample still timing out is then kept "
+        "cut short (finish_reason `timeout`, with the text that arrived).",
+    )
     backoff_s: float = Field(
         1.0, gt=0, description="First retry delay in seconds; doubles per retry, with full jitter, capped at 60 s."
+    )
+    retry_finish_reasons: list[str] = Field(
+        default_factory=lambda: ["insufficient_system_resource"],
+        description="Finish reasons of samples the server cut short (DeepSeek: no capacity): retried like a 5xx, "
+        "counted as `finish_<reason>`; the last try is kept, cut short, when retries run out.",
+    )
+    extra_body: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Fields merged into every request body, for provider options `sampling` lacks (DeepSeek: "
+        "`thinking: {type: enabled}`; vLLM: `chat_template`, `chat_template_kwargs`); part of the stage fingerprint.",
     )
     continue_final_message: bool = Field(
         False,
@@ -192,9 +215,7 @@ class Teacher(Section):
     backend: Literal["vllm", "openai"] = Field(
         "vllm", description="`vllm`: offline `vllm.LLM`; `openai`: any OpenAI-compatible endpoint (see `endpoint`)."
     )
-    model: str = Field(
-        description="Teacher model: local path or hub id (vllm), or the model name the endpoint serves."
-    )
+    model: str = Field(description="Teacher model: local path or hub id (vllm), or the name the endpoint serves.")
     prompt: str | None = Field(
         None,
         description="User prompt template for every source (`{problem}` is replaced by the problem text); unset: "
@@ -212,6 +233,15 @@ class Teacher(Section):
     engine: dict[str, Any] = Field(default_factory=dict, description="`vllm.LLM(...)` keyword arguments.")
     endpoint: Endpoint | None = Field(None, description="Endpoint settings, required when `backend: openai`.")
     _merge_sampling = field_validator("sampling", mode="before")(_merge_defaults(R1_SAMPLING))
+
+    @model_validator(mode="after")
+    def _extra_body_only_adds(self) -> Teacher:
+        """A field in both `extra_body` and a recipe key would live in two places (and one would silently lose)."""
+        for key in self.endpoint.extra_body if self.endpoint else ():
+            if key in self.sampling or key in OWN_FIELDS:
+                where = "teacher.sampling" if key in self.sampling else f"the recipe ({OWN_FIELDS_FROM})"
+                raise ValueError(f"endpoint.extra_body.{key}: this request field is set from {where}; set it there")
+        return self
 
 
 class Filter(Section):

@@ -57,15 +57,19 @@ def generation_prompt(tokenizer: Any, chat: list[dict[str, str]], *, think_prefi
     return with_think_prefix(rendered, think_prefix)
 
 
-def normalise_completion(content: str, *, reasoning: str | None, think_prefix: str) -> str:
+def normalise_completion(content: str, *, reasoning: str | None, think_prefix: str, cut_short: bool = False) -> str:
     """One completion text from an endpoint's answer.
 
-    - reasoning in a separate field → `<think>\\n{reasoning}\\n</think>\\n\\n{content}`;
+    - reasoning in a separate field → `<think>\\n{reasoning}\\n</think>\\n\\n{content}`; a sample cut short
+      (`cut_short`) before any content arrived keeps its block open (`<think>\\n{reasoning}`), since its reasoning
+      never ended;
     - content that opens its own `<think>` → kept as is;
     - otherwise the server's chat template forced the prefix into the prompt (R1's template does), so the
       prefix is put back in front, as offline generation stores it.
     """
     if reasoning is not None:
+        if cut_short and not content:
+            return f"{THINK_OPEN}\n{reasoning.lstrip(chr(10))}"
         return f"{THINK_OPEN}\n{reasoning.strip(chr(10))}\n{THINK_CLOSE}\n\n{content.lstrip(chr(10))}"
     if content.lstrip().startswith(THINK_OPEN) or not think_prefix:
         return content

@@ -32,6 +32,7 @@ class GenerationStats:
     skipped: Counter[str] = field(default_factory=Counter)  # problems not sent, by reason
     skipped_ids: dict[str, str] = field(default_factory=dict)  # problem id -> reason
     retries: Counter[str] = field(default_factory=Counter)  # retried requests, by cause (API teachers)
+    gave_up: Counter[str] = field(default_factory=Counter)  # samples kept cut short when retries ran out, by reason
     started: float = field(default_factory=time.monotonic)
     cpu_started: float = field(default_factory=time.process_time)
 
@@ -80,8 +81,11 @@ def make_trace(
     teacher: str,
     sampling: dict[str, Any],
     latency_s: float,
+    reported_model: str | None = None,
+    system_fingerprint: str | None = None,
 ) -> Trace:
-    """One normalised row: the problem's fields, what the teacher saw and said, and what it cost."""
+    """One normalised row: the problem's fields, what the teacher saw and said, and what it cost. An endpoint passes
+    the model and fingerprint it reported (offline vLLM has none)."""
     reasoning, final = split_reasoning(completion)
     return Trace(
         **{f.name: getattr(problem, f.name) for f in dataclasses.fields(Problem)},  # shallow: n traces share them
@@ -96,4 +100,6 @@ def make_trace(
         teacher=teacher,
         sampling=sampling,
         latency_s=round(latency_s, 4),
+        reported_model=reported_model,
+        system_fingerprint=system_fingerprint,
     )

@@ -1,22 +1,23 @@
 """The `openai` backend: a real vLLM OpenAI-compatible server on 127.0.0.1, plus a loopback fault injector (the only
-fake, standing at the network edge) that answers 429, 500, a hang, a garbled body and a dropped connection."""
+fake, standing at the network edge) that answers whole or streamed: 429, 500, a hang, a garbled body, a dropped
+connection, a stream cut or gone silent half-way, a finish reason worth a retry, and another model than asked."""
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
-from typing import ClassVar
 
 import pytest
+from fault_injector import FaultInjector
+from teacher_templates import R1_CHAT_TEMPLATE
 
 from distill import files, pipeline
 from distill.errors import DistillError
@@ -57,63 +58,10 @@ def problems(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
-class FaultInjector(BaseHTTPRequestHandler):
-    """Answers chat completions from a script of faults, then succeeds; records every request it was sent."""
-
-    script: ClassVar[list[str]] = []
-    received: ClassVar[list[dict]] = []
-    succeeded: ClassVar[int] = 0
-
-    def log_message(self, *args) -> None:  # keep pytest output clean
-        pass
-
-    def do_GET(self) -> None:
-        self._send(200, json.dumps({"object": "list", "data": [{"id": "teacher", "object": "model"}]}))
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).received.append({"body": body, "auth": self.headers["Authorization"]})
-        fault = type(self).script.pop(0) if type(self).script else "ok"
-        if fault == "hang":
-            time.sleep(1.5)  # past the client's timeout
-            return
-        if fault == "drop":
-            self.connection.shutdown(socket.SHUT_RDWR)
-            return
-        if fault in ("429", "500"):
-            self._send(int(fault), json.dumps({"error": {"message": f"injected {fault}"}}))
-        elif fault == "garbled":
-            self._send(200, '{"id": "x", "choices": [{"mess')
-        else:
-            type(self).succeeded += 1
-            self._send(200, json.dumps(_completion(len(type(self).received))))
-
-    def _send(self, status: int, text: str) -> None:
-        payload = text.encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-
-def _completion(index: int) -> dict:
-    # DeepSeek's API names the field `reasoning_content`; vLLM >= 0.11 with a reasoning parser names it `reasoning`.
-    field = "reasoning_content" if index % 2 else "reasoning"
-    message = {"role": "assistant", "content": "\\boxed{2}", field: f"thinking {index}"}
-    return {
-        "id": f"c{index}",
-        "object": "chat.completion",
-        "created": 0,
-        "model": "teacher",
-        "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18},
-    }
-
-
 @pytest.fixture
 def injector() -> Iterator[str]:
     FaultInjector.script, FaultInjector.received, FaultInjector.succeeded = [], [], 0
+    FaultInjector.model, FaultInjector.fingerprint = "teacher", None
     server = ThreadingHTTPServer(("127.0.0.1", 0), FaultInjector)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -123,14 +71,16 @@ def injector() -> Iterator[str]:
     server.server_close()
 
 
-def test_faults_are_retried_counted_and_lose_nothing(problems: Path, tmp_path: Path, injector: str):
-    FaultInjector.script = ["ok", "429", "500", "hang", "garbled", "drop"]  # up, then flapping mid-run
+@pytest.mark.parametrize("stream", [True, False])
+def test_faults_are_retried_counted_and_lose_nothing(problems: Path, tmp_path: Path, injector: str, stream: bool):
+    FaultInjector.script = ["ok", "429", "500", "hang", "garbled", "drop", "cut", "silent"]  # flapping mid-run
     recipe = _recipe(
         problems,
         base_url=injector,
         model="teacher",
+        stream=stream,
         max_concurrency=1,
-        timeout_s=0.5,
+        timeout_s=1.0,  # a loaded 2-core machine can pause a healthy stream for a good part of a second
         backoff_s=0.01,
         price_input_per_m=2.0,
         price_output_per_m=10.0,
@@ -139,9 +89,9 @@ def test_faults_are_retried_counted_and_lose_nothing(problems: Path, tmp_path: P
     assert manifest.extra["retries"] == {
         "rate_limited": 1,
         "server_error": 1,
-        "timeout": 1,
+        "timeout": 2,  # no answer at all, and half an answer then silence
         "malformed": 1,
-        "connection": 1,
+        "connection": 2,  # closed before answering, and half-way through
     }
     assert manifest.counts == {"in": 3, "out": 3, "dropped": {}, "traces": 6}
     rows = _rows(tmp_path / "runs")
@@ -152,14 +102,18 @@ def test_faults_are_retried_counted_and_lose_nothing(problems: Path, tmp_path: P
         assert row["completion"] == f"{PREFIX}{row['reasoning']}\n</think>\n\n\\boxed{{2}}"
         assert row["reasoning"].startswith("thinking ") and row["final"] == "\\boxed{2}"
         assert (row["prompt_tokens"], row["completion_tokens"], row["finish_reason"]) == (11, 7, "stop")
+        assert (row["reported_model"], row["system_fingerprint"]) == ("teacher", None)
+    assert manifest.extra["timed_out"] == 0 and manifest.extra["reported_models"] == {"teacher": 6}
     assert manifest.extra["cost_usd"] == pytest.approx((6 * 11 * 2.0 + 6 * 7 * 10.0) / 1e6)
     sent = FaultInjector.received
-    assert len(sent) == 6 + 5  # one request per sample, plus one per injected fault
+    assert len(sent) == 6 + 7  # one request per sample, plus one per injected fault
     assert all(s["auth"] == "Bearer secret-for-tests" for s in sent)
     for request in sent:  # what went over the wire: R1 chat, one sample each, sampling keys passed through
         body = request["body"]
         assert (body["model"], body["n"], body["max_tokens"], body["top_k"]) == ("teacher", 1, 8, 20)
         assert body["temperature"] == 0.6 and body["top_p"] == 0.95
+        assert body.get("stream", False) is stream
+        assert body.get("stream_options") == ({"include_usage": True} if stream else None)
     prompts = {R1_PROMPT.format(problem=f"What is {i} + 1?") for i in range(3)}  # math: R1 prompt by default
     assert {json.dumps(s["body"]["messages"]) for s in sent} == {
         json.dumps([{"role": "user", "content": p}]) for p in prompts
@@ -183,6 +137,73 @@ def test_exhausted_retries_stop_with_one_error_and_keep_finished_problems(proble
         and len({r["id"] for r in _rows(tmp_path / "runs")}) == len(_rows(tmp_path / "runs")) == 3
     )
     assert FaultInjector.succeeded == 3  # the finished problem was not asked again
+
+
+@pytest.mark.parametrize(
+    "stream, fault, completion",
+    [(True, "silent", PREFIX + "thinking "), (False, "hang", PREFIX)],  # a stream keeps what came before the silence
+)
+def test_sample_timing_out_on_every_try_is_kept_cut_short(problems, tmp_path, injector, stream, fault, completion):
+    FaultInjector.script = [fault] * 3  # two samples share them; whichever gets two of them is out of retries
+    endpoint = {"stream": stream, "max_concurrency": 1, "timeout_s": 1.0, "max_retries": 1, "backoff_s": 0.01}
+    recipe = _recipe(problems, base_url=injector, model="teacher", n=1, **endpoint)
+    manifest = _run(recipe, tmp_path / "runs")
+    assert manifest.counts == {"in": 3, "out": 3, "dropped": {}, "traces": 3}, "no fatal error, nothing lost"
+    assert manifest.extra["retries"] == {"timeout": 3}
+    assert manifest.extra["timed_out"] == 1 and manifest.extra["finish_reasons"] == {"stop": 2, "timeout": 1}
+    (cut,) = [row for row in _rows(tmp_path / "runs") if row["finish_reason"] == "timeout"]
+    assert cut["completion"] == completion, "what arrived, its reasoning left open"
+    assert (cut["prompt_tokens"], cut["completion_tokens"]) == (0, 0), "no usage arrived: unknown"
+    assert len(FaultInjector.received) == 3 + 2
+
+
+def test_retried_finish_reason_is_retried_then_kept_cut_short(problems: Path, tmp_path: Path, injector: str):
+    FaultInjector.script = ["insufficient"] * 3  # as above: one sample gets two, and is out of retries
+    recipe = _recipe(
+        problems, base_url=injector, model="teacher", n=1, max_concurrency=1, max_retries=1, backoff_s=0.01
+    )
+    manifest = _run(recipe, tmp_path / "runs")  # the default retry_finish_reasons: [insufficient_system_resource]
+    assert manifest.extra["retries"] == {"finish_insufficient_system_resource": 3}
+    assert manifest.extra["finish_reasons"] == {"stop": 2, "insufficient_system_resource": 1}
+    assert manifest.counts["traces"] == 3 and len(FaultInjector.received) == 3 + 2
+    FaultInjector.script = ["insufficient"]
+    kept = _recipe(problems, base_url=injector, model="teacher", n=1, max_concurrency=1, retry_finish_reasons=[])
+    manifest = _run(kept, tmp_path / "runs-not-retried")
+    assert manifest.extra["retries"] == {} and manifest.extra["finish_reasons"]["insufficient_system_resource"] == 1
+
+
+def test_reported_model_is_recorded_counted_warned_and_carded(problems, tmp_path, injector, caplog):
+    from distill.hub_cards import dataset_card, lineage
+
+    FaultInjector.model, FaultInjector.fingerprint = "deepseek-v4-flash", "fp_v4"  # the alias now serves V4
+    recipe = _recipe(problems, base_url=injector, model="deepseek-reasoner", max_concurrency=2)
+    with caplog.at_level("WARNING", logger="teacher.endpoint"):
+        manifest = _run(recipe, tmp_path / "runs")
+    rows = _rows(tmp_path / "runs")
+    assert {(r["teacher"], r["reported_model"], r["system_fingerprint"]) for r in rows} == {
+        ("deepseek-reasoner", "deepseek-v4-flash", "fp_v4")
+    }
+    assert manifest.extra["reported_models"] == {"deepseek-v4-flash": 6}
+    assert manifest.extra["system_fingerprints"] == {"fp_v4": 6}
+    warning = "teacher.model is deepseek-reasoner but the endpoint reports deepseek-v4-flash: the traces are "
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("teacher.model")] == [
+        warning + "deepseek-v4-flash's"
+    ], "one warning per reported model, not one per trace"
+    card = dataset_card(recipe, tmp_path, rows=6, facts=lineage(recipe, tmp_path / "runs" / "api"))
+    assert (
+        "- model reported by the endpoint: `deepseek-v4-flash` (6 generated traces) (not `deepseek-reasoner`" in card
+    )
+    assert "- system fingerprints: `fp_v4` (6)" in card
+
+
+def test_extra_body_is_sent_in_every_request(problems: Path, tmp_path: Path, injector: str):
+    extra = {"thinking": {"type": "enabled"}, "chat_template_kwargs": {"enable_thinking": True}}
+    recipe = _recipe(problems, base_url=injector, model="teacher", n=1, extra_body=extra)
+    _run(recipe, tmp_path / "runs")
+    assert len(FaultInjector.received) == 3
+    for request in FaultInjector.received:
+        body = request["body"]
+        assert {key: body[key] for key in extra} == extra and body["top_k"] == 20, "merged beside sampling extras"
 
 
 def test_endpoint_down_at_start_names_the_url(problems: Path, tmp_path: Path):
@@ -219,6 +240,7 @@ def vllm_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         "512",
         "--kv-cache-memory-bytes",
         "268435456",
+        "--trust-request-chat-template",  # lets a test send an R1-style template through `endpoint.extra_body`
     ]
     env = {**os.environ, "VLLM_CACHE_ROOT": str(log.parent / "vllm-cache")}
     with log.open("w") as out:
@@ -285,3 +307,30 @@ def test_real_vllm_server_continues_the_forced_think_prefix(
         assert row["prompt_tokens"] == len(tokenizer.encode(text, add_special_tokens=False)), (
             "the server saw the open assistant turn with the prefix in its prompt"
         )
+
+
+@pytest.mark.slow
+def test_real_vllm_server_continues_one_think_under_an_r1_template(
+    problems: Path, tmp_path: Path, vllm_server: str, tiny_model
+):
+    """An R1 template ends its generation prompt with `<think>\\n`; continuing the open assistant turn instead
+    (no generation prompt) must not add a second one."""
+    from transformers import AutoTokenizer
+
+    extra = {"chat_template": R1_CHAT_TEMPLATE}
+    recipe = _recipe(
+        problems, base_url=vllm_server, model=str(tiny_model), continue_final_message=True, extra_body=extra
+    )
+    manifest = _run(recipe, tmp_path / "runs")
+    assert manifest.counts["traces"] == 6
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    think = len(tokenizer.encode(PREFIX, add_special_tokens=False))
+    for row in _rows(tmp_path / "runs"):
+        text = tokenizer.apply_chat_template(
+            row["prompt"], chat_template=R1_CHAT_TEMPLATE, tokenize=False, add_generation_prompt=True
+        )
+        assert text.endswith("assistant\n" + PREFIX) and text.count("<think>") == 1
+        assert row["prompt_tokens"] == len(tokenizer.encode(text, add_special_tokens=False)), (
+            f"the server's prompt holds one <think> (two would be {think} tokens more)"
+        )
+        assert row["completion"].startswith(PREFIX)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import threading
 from pathlib import Path
@@ -150,6 +151,8 @@ def test_reasoning_field_and_inline_reasoning_normalise_alike():
     assert separate == inline == prompted == "<think>\n2+2=4\n</think>\n\n\\boxed{4}"
     assert split_reasoning(separate) == ("2+2=4", "\\boxed{4}")
     assert normalise_completion("plain", reasoning=None, think_prefix="") == "plain"
+    # Cut short inside its reasoning (a timeout): the block stays open, as the reasoning never ended.
+    assert normalise_completion("", reasoning="2+2", think_prefix="<think>\n", cut_short=True) == "<think>\n2+2"
 
 
 @pytest.mark.parametrize(
@@ -195,3 +198,46 @@ def test_progress_bar_shows_rate_and_cost(capsys: pytest.CaptureFixture[str]):
         bar.update()
     text = capsys.readouterr().err
     assert "1/2" in text and "tok/s" in text and "$0.00" in text
+
+
+def _api_recipe(**endpoint) -> Recipe:
+    return Recipe.model_validate(
+        {
+            "name": "u",
+            "data": "math500",
+            "teacher": {"backend": "openai", "model": "m", "endpoint": {"base_url": "http://x/v1", **endpoint}},
+        }
+    )
+
+
+def test_extra_body_is_fingerprinted_but_stream_and_retried_finish_reasons_are_not():
+    stage, options = pipeline.STAGES["generate"], pipeline.StageOptions()
+    base = pipeline.section_hash(_api_recipe(), stage, options)
+    assert pipeline.section_hash(_api_recipe(stream=False), stage, options) == base
+    assert pipeline.section_hash(_api_recipe(retry_finish_reasons=[]), stage, options) == base
+    assert pipeline.section_hash(_api_recipe(extra_body={"thinking": {"type": "enabled"}}), stage, options) != base
+
+
+@pytest.mark.parametrize(
+    "extra_body, message",
+    [
+        ({"stream": False}, "endpoint.extra_body.stream: this request field is set from the recipe"),
+        ({"temperature": 0.2}, "endpoint.extra_body.temperature: this request field is set from teacher.sampling"),
+    ],
+)
+def test_extra_body_cannot_set_a_field_twice(extra_body: dict, message: str):
+    with pytest.raises(ValueError, match=message):
+        _api_recipe(extra_body=extra_body)
+
+
+def test_raw_http_errors_from_a_stream_are_classified():
+    """openai < 3 lets httpx's own errors escape while a stream is read; openai 3 raises httpx2's, wrapped."""
+    from teacher.endpoint import _retry_cause
+
+    endpoint = _api_recipe().teacher.endpoint
+    modules = [importlib.import_module(name) for name in ("httpx", "httpx2") if importlib.util.find_spec(name)]
+    assert modules, "the openai client runs on httpx or httpx2"
+    for module in modules:
+        assert _retry_cause(module.ReadTimeout("silent"), endpoint=endpoint, what="s") == "timeout"
+        assert _retry_cause(module.RemoteProtocolError("peer closed"), endpoint=endpoint, what="s") == "connection"
+        assert _retry_cause(module.ReadError("reset"), endpoint=endpoint, what="s") == "connection"
