@@ -11,7 +11,7 @@ from distill.tinymodel import CHAT_TEMPLATE
 # Only the generation prompt opens the think block; earlier assistant turns render as before (R1's do not repeat it).
 GENERATION_PROMPT = "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 R1_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(GENERATION_PROMPT, GENERATION_PROMPT.replace("\\n'", "\\n<think>\\n'"))
-assert CHAT_TEMPLATE.count(GENERATION_PROMPT) == 1, "the tiny model's generation prompt moved: update GENERATION_PROMPT"
+assert CHAT_TEMPLATE.count(GENERATION_PROMPT) == 1, "the tiny model's template changed: update GENERATION_PROMPT"
 
 
 def r1_copy(model: Path, out: Path) -> Path:
