@@ -212,6 +212,24 @@ def _generation_fits(
     return problems
 
 
+def check_teacher(recipe: Recipe) -> None:
+    """At generate start, for an offline teacher: raise when `teacher.sampling.max_tokens` cannot fit its context
+    (the config is read as vLLM will read it, downloaded if it must be)."""
+    teacher = recipe.teacher
+    if teacher is None or teacher.backend != "vllm":
+        return
+    problems = _generation_fits(
+        "teacher",
+        teacher.sampling,
+        teacher.engine,
+        _model_context(teacher.model, offline=False),
+        label="teacher.model",
+        notes=[],
+    )
+    if problems:
+        raise RecipeError("\n".join(problems))
+
+
 def check_eval_prompt(recipe: Recipe, *, model_ctx: int | None, longest_prompt: int, label: str) -> None:
     """At eval start, with the longest rendered benchmark prompt: raise when prompt + max_tokens cannot fit."""
     notes: list[str] = []

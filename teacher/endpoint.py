@@ -239,8 +239,17 @@ async def _request(
 
 
 def _given_up(reply: Reply, cause: str, *, endpoint: Endpoint, stats: GenerationStats, what: str, tries: int) -> Reply:
-    """The last try of a sample out of retries: kept cut short when it timed out or ended with a retried finish
-    reason (a long sample is worth its partial text and must not stop the run); any other cause stops it."""
+    """The last try of a sample out of retries: kept cut short when it timed out after text arrived (or, unstreamed,
+    at all) or ended with a retried finish reason (a long sample is worth its partial text and must not stop the
+    run); any other cause stops it."""
+    if cause == "timeout" and endpoint.stream and not (reply.text or reply.reasoning_text):
+        # Streamed, a long sample still sends chunks: silence from the first byte on every try is a server that is
+        # down or swamped, and keeping the sample as an empty trace would mark its problem done for good.
+        raise DistillError(
+            f"teacher endpoint {endpoint.base_url}: {what} got nothing in {endpoint.timeout_s:g} s on all {tries} "
+            "tries; check the server (or raise teacher.endpoint.timeout_s if it queues requests that long), then "
+            "rerun (finished problems are kept)"
+        )
     if cause == "timeout":
         reply.finish_reason = "timeout"
     elif not cause.startswith("finish_"):

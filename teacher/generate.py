@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+from distill import lengths
 from distill.data import load_problems
 from distill.errors import DistillError
 from distill.manifest import canonical_hash
@@ -96,6 +97,7 @@ def run(recipe: Recipe, *, ctx: StageContext) -> StageReport:
     """The stage: this job's shard of the problems, resumed from what is already on disk."""
     teacher = _teacher(recipe)
     prompts = source_prompts(recipe.data, teacher=teacher)
+    lengths.check_teacher(recipe)
     loaded = load_problems(recipe.data, recipe.mixture)
     problems = interleave([source.problems for source in loaded])  # a run stopped early still holds the mix
     dropped: Counter[str] = Counter()

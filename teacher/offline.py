@@ -34,7 +34,11 @@ class _Request:
 
 
 def load_engine(teacher: Teacher) -> Any:
-    """The `vllm.LLM` for `teacher`: every `teacher.engine` key is passed through unchanged."""
+    """The `vllm.LLM` for `teacher`: every `teacher.engine` key is passed through unchanged. Refused where GPUs
+    were promised but this environment's torch sees none (the CPU build of vLLM would serve for days)."""
+    from distill.devices import refuse_cpu_fallback
+
+    refuse_cpu_fallback(what=f"vLLM for {teacher.model}", escape="set CUDA_VISIBLE_DEVICES= (empty)")
     from vllm import LLM
 
     log.info("loading %s with vllm.LLM(%s)", teacher.model, ", ".join(f"{k}={v!r}" for k, v in teacher.engine.items()))

@@ -157,6 +157,18 @@ def test_sample_timing_out_on_every_try_is_kept_cut_short(problems, tmp_path, in
     assert len(FaultInjector.received) == 3 + 2
 
 
+def test_streamed_sample_that_gets_nothing_on_every_try_stops_the_run(problems, tmp_path, injector):
+    """Silence from the first byte is a down or swamped server, not a long sample: kept, it would be an empty trace
+    that marks its problem done for good."""
+    FaultInjector.script = ["ok", "hang", "hang", "hang"]  # two samples in flight share them: one gets two
+    endpoint = {"max_concurrency": 1, "timeout_s": 1.0, "max_retries": 1, "backoff_s": 0.01}
+    recipe = _recipe(problems, base_url=injector, model="teacher", n=1, **endpoint)
+    with pytest.raises(DistillError, match=r"sample 0 got nothing in 1 s on all 2 tries; check the server"):
+        _run(recipe, tmp_path / "runs")
+    (work,) = (tmp_path / "runs" / "api" / ".work").glob("generate-*")
+    assert [r["finish_reason"] for r in files.read_jsonl(work / "shard-0-of-1.jsonl")] == ["stop"], "none kept empty"
+
+
 def test_retried_finish_reason_is_retried_then_kept_cut_short(problems: Path, tmp_path: Path, injector: str):
     FaultInjector.script = ["insufficient"] * 3  # as above: one sample gets two, and is out of retries
     recipe = _recipe(

@@ -241,3 +241,27 @@ def test_raw_http_errors_from_a_stream_are_classified():
         assert _retry_cause(module.ReadTimeout("silent"), endpoint=endpoint, what="s") == "timeout"
         assert _retry_cause(module.RemoteProtocolError("peer closed"), endpoint=endpoint, what="s") == "connection"
         assert _retry_cause(module.ReadError("reset"), endpoint=endpoint, what="s") == "connection"
+
+
+def test_vllm_engine_refuses_cpu_where_gpus_were_promised(monkeypatch: pytest.MonkeyPatch) -> None:
+    from teacher.offline import load_engine
+
+    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "8")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    teacher = Teacher(model="some/teacher")
+    with pytest.raises(DistillError, match=r"vLLM for some/teacher: GPUs are expected here \(SLURM_GPUS_ON_NODE=8\)"):
+        load_engine(teacher)
+
+
+def test_generate_refuses_max_tokens_the_offline_teacher_cannot_fit(tiny_model, tmp_path) -> None:
+    files.write_jsonl(tmp_path / "p.jsonl", [{"problem": "1 + 1?", "answer": "2"}])
+    recipe = Recipe.model_validate(
+        {
+            "name": "t",
+            "data": {"spec": "local_jsonl", "path": str(tmp_path / "p.jsonl")},
+            "teacher": {"model": str(tiny_model), "sampling": {"max_tokens": 4096}},  # the tiny model has 2048
+        }
+    )
+    options = pipeline.StageOptions(progress=False)
+    with pytest.raises(RecipeError, match=r"teacher.sampling.max_tokens: 4096 \+ the prompt does not fit teacher"):
+        pipeline.run_stage(recipe, "generate", runs_dir=tmp_path / "runs", options=options)
