@@ -209,8 +209,10 @@ def dump_recipe(recipe: Recipe) -> str:
 
 
 def section(recipe: Recipe, dotted: str) -> Any:
-    """The JSON value at a dotted path of the resolved recipe (`student.model`), or None when absent."""
-    node: Any = recipe.model_dump(mode="json")
+    """The JSON value the recipe sets at a dotted path (`student.model`), or None when absent. Values at their
+    schema default are left out: this is what stage fingerprints hash, so a field added to the schema later (with a
+    default that keeps today's behaviour) changes no fingerprint, and finished outputs stay valid on upgrade."""
+    node: Any = recipe.model_dump(mode="json", exclude_defaults=True)
     for part in dotted.split("."):
         node = node.get(part) if isinstance(node, dict) else None
     return node

@@ -175,3 +175,23 @@ def test_recipe_cross_field_check_pass_k_within_samples(tmp_path):
     bad = {**BASE, "eval": {"benchmarks": ["math500"], "pass_k": [1, 8], "sampling": {"n": 4}}}
     path = write(tmp_path, bad)
     assert error_lines(path) == [f"{path}: eval: pass_k [8] exceeds sampling.n=4, the samples drawn per problem"]
+
+
+def test_recipe_fingerprints_ignore_fields_left_at_their_default():
+    """A field added to the schema with a default changes no stage fingerprint: finished outputs (days of teacher
+    traces, a trained model) stay valid when distill is upgraded. Setting a value, even back to a default, is
+    judged by the value: at the default it is the same recipe."""
+    from distill import pipeline
+
+    options = pipeline.StageOptions()
+    plain = load_recipe("recipes/r1-distill-qwen2.5-math-7b.yaml")
+    spelled_out = load_recipe(
+        "recipes/r1-distill-qwen2.5-math-7b.yaml",
+        overrides=["filter.warn_too_long_share=0.2", "teacher.endpoint.extra_body={}", "filter.dedup=true"],
+    )
+    changed = load_recipe("recipes/r1-distill-qwen2.5-math-7b.yaml", overrides=["filter.dedup=false"])
+    for stage in pipeline.STAGES.values():
+        assert pipeline.section_hash(plain, stage, options) == pipeline.section_hash(spelled_out, stage, options)
+    assert pipeline.section_hash(changed, pipeline.STAGES["filter"], options) != pipeline.section_hash(
+        plain, pipeline.STAGES["filter"], options
+    )
