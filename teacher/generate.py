@@ -1,6 +1,6 @@
 """`distill generate`: the recipe's problems → R1-style traces, durable as they finish, resumable, shardable.
 
-    distill generate recipes/r1-deepseek-api.yaml              # one job
+    distill generate recipes/deepseek-v4-api.yaml             # one job
     distill generate recipes/r1-vllm-2node.yaml --shard 3/8    # job 3 of 8 (e.g. a Slurm array task)
 
 Output: `shard-<i>-of-<N>.jsonl` files (one `distill.records.Trace` per line) in `runs/<name>/generate/`; later
