@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from distill.errors import DataError, RecipeError
 from distill.records import Problem, problem_id
-from distill.schema import Columns, DatasetSpec, DataSource, FieldMap, Mixture
+from distill.sources import Columns, DatasetSpec, DataSource, FieldMap, Mixture
 
 __all__ = ["DataSource", "DatasetSpec", "FieldMap", "Loaded", "find_spec", "load_problems", "load_source", "load_spec"]
 

@@ -11,7 +11,8 @@ from collections.abc import Mapping, Sequence
 
 from distill.errors import RecipeError
 from distill.records import Problem
-from distill.schema import KIND_PROMPTS, DataSource, Teacher
+from distill.schema import KIND_PROMPTS, Teacher
+from distill.sources import DataSource
 
 Prompts = Mapping[str, str]  # data source name → its own prompt template
 

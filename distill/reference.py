@@ -13,19 +13,8 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from distill.recipe import PASSTHROUGH
-from distill.schema import (
-    DatasetSpec,
-    DataSource,
-    Endpoint,
-    Eval,
-    FieldMap,
-    Filter,
-    Hub,
-    Mixture,
-    Recipe,
-    Student,
-    Teacher,
-)
+from distill.schema import Endpoint, Eval, Filter, Hub, Recipe, Student, Teacher
+from distill.sources import DatasetSpec, DataSource, FieldMap, Mixture
 
 SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("(top level)", Recipe),

@@ -4,17 +4,18 @@ Sections that feed a library object are plain mappings passed through under the 
 against the installed class (see `distill.passthrough`): `teacher.sampling` → `vllm.SamplingParams`,
 `teacher.engine` → `vllm.LLM`, `student.sft` → `trl.SFTConfig`, `student.peft` → `peft.LoraConfig`,
 `eval.sampling`/`eval.engine` likewise. Everything else is a distill setting, documented once, here, in its
-`description`; the README's recipe reference is generated from these descriptions.
+`description`; the README's recipe reference is generated from these descriptions. Where problems come from
+(dataset specs, data sources, mixtures) is in `distill.sources`.
 """
 
 from __future__ import annotations
 
-from pathlib import PurePath
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from distill.records import Kind
+from distill.records import CUT_SHORT
+from distill.sources import DataSource, Mixture, Section, as_sources, unweighted_sources
 
 R1_PROMPT = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
 # The default user prompt of each answer kind (`teacher.prompt` or a source's `prompt` replaces it): the answer is
@@ -29,29 +30,6 @@ KIND_PROMPTS: dict[str, str] = {
 }
 # DeepSeek-R1's sampling protocol (R1 paper, section 3): used for generation and for evaluation.
 R1_SAMPLING: dict[str, Any] = {"temperature": 0.6, "top_p": 0.95, "n": 4, "max_tokens": 32768}
-Columns = str | list[str]  # one column name, or alternatives tried in order (hub and mirror files may differ)
-
-
-class Section(BaseModel):
-    """Unknown keys are errors (a typo must never be silently ignored)."""
-
-    model_config = ConfigDict(extra="forbid", validate_default=True)
-
-
-def _as_sources(value: Any) -> Any:
-    """Validator: a bare spec name stands for `{spec: name}`."""
-    return [{"spec": v} if isinstance(v, str) else v for v in value] if isinstance(value, list) else value
-
-
-def _unweighted_sources(sources: list[Any], where: str) -> list[Any]:
-    """Validator: benchmarks and decontamination sets are read whole, so a weight there is a mistake."""
-    for index, source in enumerate(sources):
-        if source.weight is not None:
-            raise ValueError(
-                f"item {index} ({source.name}) has a weight; weights mix training data (`data`), "
-                f"{where} are read whole"
-            )
-    return sources
 
 
 def _merge_defaults(defaults: dict[str, Any]):
@@ -63,114 +41,16 @@ def _merge_defaults(defaults: dict[str, Any]):
     return merge
 
 
-class FieldMap(Section):
-    problem: Columns = Field(description="Column holding the problem text.")
-    answer: Columns | None = Field(None, description="Column holding the reference answer.")
-    id: Columns | None = Field(None, description="Column with the source's own id (kept in `meta.source_id`).")
-    solution: Columns | None = Field(None, description="Column with a reference solution.")
-    choices: list[str] | str | None = Field(
-        None, description="Option columns (one per option), or one column holding a list of options."
-    )
-    tests: Columns | None = Field(
-        None,
-        description="Column with tests: a list of {input, output}, or {inputs: [...], outputs: [...], fn_name?} "
-        "(APPS/TACO; with `fn_name` the tests call that function), JSON text ok.",
-    )
-
-
-class DatasetSpec(Section):
-    name: str = Field(description="Spec name; must equal the file name without `.yaml` (inline: any name).")
-    description: str = Field("", description="What the data is, in one or two sentences.")
-    license: str = Field("unknown", description="License of the data (SPDX id where there is one).")
-    kind: Kind = Field(description="Answer kind: `math`, `choice`, `code` or `none` (unverifiable).")
-    hub: str | None = Field(None, description="Hugging Face Hub dataset id.")
-    config: str | None = Field(None, description="Hub dataset config name.")
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to read.")
-    data_dir: str | None = Field(None, description="Folder of the hub repo to read (`load_dataset(data_dir=...)`).")
-    split: str = Field("train", description="Split to read by default.")
-    path: str | None = Field(None, description="Default local file/glob, for specs of local data.")
-    fields: FieldMap = Field(description="Column mapping onto the problem record.")
-    problem_template: str | None = Field(
-        None,
-        description="Jinja template over the row's columns (plus `problem`, the mapped text) that builds the "
-        "problem text, for statements split across columns (Codeforces) or with starter code (APPS).",
-    )
-    where: dict[str, Any] = Field(
-        default_factory=dict,
-        description="Keep only rows whose columns equal these values, or are one of a list of values (null matches "
-        "a missing value); other rows are counted as `excluded_by_where`.",
-    )
-    answer_extract: Literal["as_is", "last_boxed", "regex"] = Field(
-        "as_is", description="How to get the answer from its column: as is, its last \\boxed{}, or `answer_regex`."
-    )
-    answer_regex: str | None = Field(
-        None, description="Regex whose first group is the answer (`answer_extract: regex`)."
-    )
-    shuffle_choices: bool = Field(False, description="Shuffle options per problem (seeded by the problem id).")
-    meta: list[str] = Field(default_factory=list, description="Other columns to carry along in `meta`.")
-
-    @model_validator(mode="after")
-    def _consistent(self) -> DatasetSpec:
-        needed = {"math": ["answer"], "choice": ["answer", "choices"], "code": ["tests"]}.get(self.kind, [])
-        for key in ["problem", *needed]:
-            if not getattr(self.fields, key):  # unset, or an empty list of column names
-                raise ValueError(f"fields.{key}: required for kind {self.kind} (spec {self.name})")
-        if self.answer_extract == "regex" and not self.answer_regex:
-            raise ValueError("answer_regex: required when answer_extract is regex")
-        return self
-
-
-class DataSource(Section):
-    spec: str | DatasetSpec = Field(
-        description="Dataset spec: a name from `datasets/` (e.g. `math500`), a path to a spec YAML, or an inline "
-        "spec mapping."
-    )
-    path: str | None = Field(
-        None, description="Local file, glob or directory to read instead of the spec's hub location (same mapping)."
-    )
-    split: str | None = Field(None, description="Split to read; unset uses the spec's split.")
-    limit: int | None = Field(None, ge=1, description="Keep only the first N problems (after the shuffle, if any).")
-    seed: int | None = Field(
-        None, description="Shuffle the problems with this seed before `limit` and mixing; unset keeps file order."
-    )
-    where: dict[str, Any] = Field(
-        default_factory=dict,
-        description="Row filter added to the spec's `where` (e.g. `{category: [physics, chemistry]}`); rows left "
-        "out are counted as `excluded_by_where`.",
-    )
-    weight: float | None = Field(
-        None,
-        gt=0,
-        description="Share of the mixture relative to the other sources' weights (set on every source or none); "
-        "see `mixture`.",
-    )
-    prompt: str | None = Field(
-        None,
-        description="User prompt template for this source (`{problem}`); unset: `teacher.prompt`, else the "
-        "default of the source's answer kind.",
-    )
-
-    @property
-    def name(self) -> str:
-        """The spec's name (what `Problem.source` holds)."""
-        if isinstance(self.spec, DatasetSpec):
-            return self.spec.name
-        return PurePath(self.spec).stem if self.spec.endswith((".yaml", ".yml")) else self.spec
-
-
-class Mixture(Section):
-    total: int | None = Field(
-        None,
-        ge=1,
-        description="Problems in a weighted mixture, shared out by weight (largest remainder); unset takes the "
-        "largest mixture the sources allow at exactly these weights. Each source gives its first problems (file "
-        "order, or after its `seed` shuffle).",
-    )
-
-
-# Request fields distill fills from the recipe's own keys (OWN_FIELDS_FROM), so `endpoint.extra_body` must not.
 OWN_FIELDS_FROM = "teacher.model, the prompt, sampling.n, endpoint.stream, endpoint.continue_final_message"
 OWN_FIELDS = ("model", "messages", "n", "stream", "stream_options", "continue_final_message", "add_generation_prompt")
+
+
+def _check_extra_body(endpoint: Endpoint | None, sampling: dict[str, Any], *, section: str) -> None:
+    """Validator: a field in both `extra_body` and a recipe key would live in two places (and one would lose)."""
+    for key in endpoint.extra_body if endpoint else ():
+        if key in sampling or key in OWN_FIELDS:
+            where = f"{section}.sampling" if key in sampling else f"the recipe ({OWN_FIELDS_FROM})"
+            raise ValueError(f"endpoint.extra_body.{key}: this request field is set from {where}; set it there")
 
 
 class Endpoint(Section):
@@ -210,6 +90,15 @@ class Endpoint(Section):
     price_input_per_m: float = Field(0.0, ge=0, description="USD per million prompt tokens, for the cost estimate.")
     price_output_per_m: float = Field(0.0, ge=0, description="USD per million completion tokens.")
 
+    @field_validator("retry_finish_reasons")
+    @classmethod
+    def _cut_short_only(cls, value: list[str]) -> list[str]:
+        """A retried reason's last try is kept cut short, so the filter must drop it as truncated."""
+        unknown = [reason for reason in value if reason not in CUT_SHORT]
+        if unknown:
+            raise ValueError(f"{unknown}: not finish reasons of a cut-short sample; choose from {sorted(CUT_SHORT)}")
+        return value
+
 
 class Teacher(Section):
     backend: Literal["vllm", "openai"] = Field(
@@ -236,11 +125,7 @@ class Teacher(Section):
 
     @model_validator(mode="after")
     def _extra_body_only_adds(self) -> Teacher:
-        """A field in both `extra_body` and a recipe key would live in two places (and one would silently lose)."""
-        for key in self.endpoint.extra_body if self.endpoint else ():
-            if key in self.sampling or key in OWN_FIELDS:
-                where = "teacher.sampling" if key in self.sampling else f"the recipe ({OWN_FIELDS_FROM})"
-                raise ValueError(f"endpoint.extra_body.{key}: this request field is set from {where}; set it there")
+        _check_extra_body(self.endpoint, self.sampling, section="teacher")
         return self
 
 
@@ -326,8 +211,8 @@ class Filter(Section):
     )
     workers: int | None = Field(None, ge=1, description="Verification processes; unset uses every core.")
 
-    _names_as_sources = field_validator("decontaminate", mode="before")(lambda value: _as_sources(value))
-    _unweighted = field_validator("decontaminate")(lambda value: _unweighted_sources(value, "decontaminate"))
+    _names_as_sources = field_validator("decontaminate", mode="before")(lambda value: as_sources(value))
+    _unweighted = field_validator("decontaminate")(lambda value: unweighted_sources(value, "decontaminate"))
 
 
 class Student(Section):
@@ -378,10 +263,11 @@ class Eval(Section):
         too_big = [k for k in self.pass_k if k > n]
         if too_big:
             raise ValueError(f"pass_k {too_big} exceeds sampling.n={n}, the samples drawn per problem")
+        _check_extra_body(self.endpoint, self.sampling, section="eval")
         return self
 
-    _names_as_sources = field_validator("benchmarks", mode="before")(lambda value: _as_sources(value))
-    _unweighted = field_validator("benchmarks")(lambda value: _unweighted_sources(value, "benchmarks"))
+    _names_as_sources = field_validator("benchmarks", mode="before")(lambda value: as_sources(value))
+    _unweighted = field_validator("benchmarks")(lambda value: unweighted_sources(value, "benchmarks"))
 
 
 class Hub(Section):
@@ -407,7 +293,7 @@ class Recipe(Section):
     @field_validator("data", mode="before")
     @classmethod
     def _single_source(cls, value: Any) -> Any:
-        return _as_sources([value] if isinstance(value, dict | str) else value)
+        return as_sources([value] if isinstance(value, dict | str) else value)
 
     @model_validator(mode="after")
     def _weights(self) -> Recipe:

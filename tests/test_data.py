@@ -12,7 +12,7 @@ from distill.data import find_spec, last_boxed, load_problems, load_source, load
 from distill.errors import DataError, RecipeError
 from distill.files import write_jsonl
 from distill.records import Problem
-from distill.schema import DataSource
+from distill.sources import DataSource
 
 SPECS = sorted(p.stem for p in (REPO / "datasets").glob("*.yaml"))
 

@@ -16,7 +16,7 @@ from distill.files import write_jsonl
 from distill.mixture import interleave, largest_total, plan, shares
 from distill.recipe import load_recipe
 from distill.records import problem_id
-from distill.schema import DataSource, Mixture
+from distill.sources import DataSource, Mixture
 
 CODE = [
     {

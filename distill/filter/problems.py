@@ -15,7 +15,7 @@ import unicodedata
 from typing import Any
 
 from distill.filter.steps import Step
-from distill.schema import DataSource
+from distill.sources import DataSource
 
 log = logging.getLogger(__name__)
 _WORD = re.compile(r"\w+")
