@@ -66,8 +66,9 @@ class Endpoint(Section):
     max_retries: int = Field(
         8,
         ge=0,
-        description="Retries per sample on 429/5xx/timeouts/malformed bodies; a sample still timing out is then kept "
-        "cut short (finish_reason `timeout`, with the text that arrived).",
+        description="Retries per sample on 429/5xx/timeouts/malformed bodies. A sample still timing out is then kept "
+        "cut short (finish_reason `timeout`, with the text that arrived); streamed with nothing arrived, it stops "
+        "the run (a down server must not mark problems done).",
     )
     backoff_s: float = Field(
         1.0, gt=0, description="First retry delay in seconds; doubles per retry, with full jitter, capped at 60 s."

@@ -160,11 +160,10 @@ def test_extended_student_trains_on_long_rows_and_vllm_serves_its_context(
 
 
 def test_filter_warns_when_the_length_limit_removes_too_much(tiny_model: Path, tmp_path: Path, caplog) -> None:
-    from test_filter_stage import place_generate, think, trace
-
     from distill import pipeline
     from distill.manifest import Manifest
     from distill.schema import Recipe
+    from test_filter_stage import place_generate, think, trace
 
     short, long = think("1 + 1 = 2", "\\boxed{2}"), think(" ".join(["1 + 1 = 2"] * 40), "\\boxed{2}")
     rows = [trace("1 + 1?", "2", text, sample=i) for i, text in enumerate([short, long, long, long])]

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_hub import RecordingHfApi
 
 from distill import hub
 from distill.errors import RecipeError
@@ -15,6 +14,7 @@ from distill.recipe import load_recipe
 from student.checkpoints import checkpoint_target
 from student.train import run
 from student_data import addition_rows, context, make_run
+from test_hub import RecordingHfApi
 
 
 @pytest.mark.slow

@@ -15,7 +15,6 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from test_hub import RecordingHfApi
 
 from distill.devices import device_facts, promised_gpus
 from distill.errors import DistillError, RecipeError
@@ -24,6 +23,7 @@ from student.checkpoints import PushCheckpoints
 from student.train import _sft_arguments, run
 from student.trainer import build_trainer, check_world_size, train
 from student_data import addition_rows, context, make_run, plan_for
+from test_hub import RecordingHfApi
 
 FAST = {"max_steps": 1, "report_to": "none"}
 TWO_NODES = {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.7", "MASTER_PORT": "29555", "NPROC_PER_NODE": "8"}

@@ -16,13 +16,13 @@ from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from fault_injector import FaultInjector
-from teacher_templates import R1_CHAT_TEMPLATE
 
 from distill import files, pipeline
 from distill.errors import DistillError
 from distill.schema import R1_PROMPT, Recipe
+from fault_injector import FaultInjector
 from student.launch import free_port  # the one free-port helper (the stage's launcher picks ports with it)
+from teacher_templates import R1_CHAT_TEMPLATE
 
 PREFIX = "<think>\n"
 

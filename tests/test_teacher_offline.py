@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from teacher_templates import r1_copy
 
 from conftest import TINY_ENGINE
 from distill import files, pipeline
@@ -19,6 +18,7 @@ from distill.schema import R1_PROMPT, Teacher
 from teacher.prompts import generation_prompt
 from teacher.shards import shard_of
 from teacher.traces import GenerationStats
+from teacher_templates import r1_copy
 
 pytestmark = pytest.mark.slow
 MAX_TOKENS = 12
