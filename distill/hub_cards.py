@@ -172,9 +172,16 @@ def model_card(recipe: Recipe, train_dir: Path, results: dict[str, Any] | None, 
         "",
         "## Training",
         "",
+        *_base_config_lines(student.base_config),
         "```yaml",
         yaml.safe_dump(
-            {"sft": student.sft, "peft": student.peft, "overlong": student.overlong}, sort_keys=False
+            {
+                **({"base_config": student.base_config} if student.base_config else {}),
+                "sft": student.sft,
+                "peft": student.peft,
+                "overlong": student.overlong,
+            },
+            sort_keys=False,
         ).strip(),
         "```",
         "",
@@ -182,6 +189,19 @@ def model_card(recipe: Recipe, train_dir: Path, results: dict[str, Any] | None, 
         *_lineage_section(facts),
     ]
     return _front_matter(meta) + "\n" + "\n".join(body)
+
+
+def _base_config_lines(overrides: dict[str, Any]) -> list[str]:
+    """What the student changed in its base's config (a longer context): Hub users must know the trained model is
+    not the base with its own config, and that its config.json already carries the change."""
+    if not overrides:
+        return []
+    changed = ", ".join(f"`{key}: {value}`" for key, value in overrides.items())
+    return [
+        f"The base's config was changed before training (`student.base_config`): {changed}; the model's "
+        f"config.json carries it, so vLLM and transformers serve the extended context as trained.",
+        "",
+    ]
 
 
 def _model_index(results: dict[str, Any]) -> list[dict[str, Any]]:

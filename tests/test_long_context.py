@@ -250,3 +250,23 @@ def test_recipe_plan_of_the_1_5b_recipe_matches_the_hand_computed_figures(
     }
     assert evaluation["generations"] == 560 * 16 * 2  # problems x n x (student + base)
     assert evaluation["completion_tokens_at_most"] == 560 * 16 * 2 * 32_768
+
+
+def test_model_card_records_the_base_config_overrides(tiny_model: Path, tmp_path: Path) -> None:
+    from distill.hub_cards import lineage, model_card
+    from distill.schema import Recipe
+
+    recipe = Recipe.model_validate(
+        {
+            "name": "long",
+            "data": {"spec": "local_jsonl", "path": "unused.jsonl"},
+            "student": {"model": "Qwen/Qwen2.5-Math-7B", "base_config": EXTEND},
+            "hub": {"model_repo": "me/long-student"},
+        }
+    )
+    card = model_card(recipe, tiny_model, None, facts=lineage(recipe, tmp_path))
+    assert (
+        "The base's config was changed before training (`student.base_config`): `max_position_embeddings: 1024`, "
+        "`rope_theta: 40000.0`; the model's config.json carries it" in card
+    )
+    assert "base_config:\n  max_position_embeddings: 1024\n  rope_theta: 40000.0\nsft:" in card
