@@ -5,28 +5,34 @@ through the teacher's own generation entry point (the same prompt and `<think>` 
 with), verified with the filter's verifiers (same reasons, same timeouts), and scored with `distill/pass_at_k.py`
 (also an `evaluate` module): pass@1 as the mean over the k samples, the unbiased pass@k, and maj@k. A sample cut by
 `max_tokens` (or without `</think>`) is wrong, not an error; a problem whose prompt does not fit the model is
-counted wrong and reported. Outputs: `samples.jsonl` (prompt, completion, extracted answer, verdict per sample),
-`results.json`, `results.md`; with `eval.compare_base`, the base model is scored on the same problems.
+counted wrong and reported. With `eval.compare_base`, the base model is scored on the same problems.
+
+Each model is scored into its own folder, `models/<label>/` (`distill.scoring`), as soon as it finishes; the
+outputs are then merged from those folders: `samples.jsonl` (prompt, completion, extracted answer, verdict per
+sample, student first), `results.json`, `results.md`. The work directory outlives a failed run (it is named by the
+stage fingerprint), so a rerun reuses every finished model and scores only the rest.
 """
 
 from __future__ import annotations
 
-import gc
 import logging
-import os
+import shlex
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from distill import files
-from distill.data import Loaded, last_boxed, load_source
-from distill.pass_at_k import score
+from distill.data import Loaded, load_source
+from distill.errors import DistillError
 from distill.pipeline import StageContext, StageReport
-from distill.prompts import source_prompts
-from distill.records import CUT_SHORT, Problem, Trace
-from distill.schema import Recipe, Teacher
+from distill.schema import Recipe
+from distill.scoring import SAMPLES, SCORES, finished, score_model
 
 log = logging.getLogger(__name__)
+MODELS = "models"  # <work_dir>/models/<label>/: one finished model's samples.jsonl + scores.json
 
 
 def run(recipe: Recipe, *, ctx: StageContext) -> StageReport:
@@ -47,16 +53,10 @@ def run(recipe: Recipe, *, ctx: StageContext) -> StageReport:
         cfg.sampling["n"],
         cfg.sampling.get("max_tokens"),
     )
-    results: dict[str, Any] = {"k": cfg.sampling["n"], "sampling": cfg.sampling}
-    samples = 0
-    with files.atomic_open(ctx.work_dir / "samples.jsonl") as handle:
-        for label, model in models.items():
-            scores, written = score_model(
-                recipe, model, benchmarks, handle=handle, label=label, progress=ctx.options.progress
-            )
-            results[label] = {"model": model, **scores}
-            samples += written
+    scored = score_all(recipe, models, benchmarks, work_dir=ctx.work_dir)
+    results: dict[str, Any] = {"k": cfg.sampling["n"], "sampling": cfg.sampling, **scored}
     results["benchmarks"] = results["student"]["benchmarks"]  # what cards and tables read
+    samples = merge_samples(ctx.work_dir, labels=list(models))
     files.write_json(ctx.work_dir / "results.json", results)
     files.write_text(ctx.work_dir / "results.md", results_table(results))
     problems = sum(len(b.problems) for b in benchmarks)
@@ -84,127 +84,94 @@ def servable(model: str, *, scratch: Path) -> str:
     return str(merge_adapter(folder, out=scratch))
 
 
-def score_model(
-    recipe: Recipe, model: str, benchmarks: list[Loaded], *, handle: Any, label: str, progress: bool
-) -> tuple[dict[str, Any], int]:
-    """Generate, verify and score one model on every benchmark, writing per-sample rows to `handle`."""
-    from teacher.generate import generate_traces
-    from teacher.traces import GenerationStats
+def score_all(
+    recipe: Recipe, models: dict[str, str], benchmarks: list[Loaded], *, work_dir: Path
+) -> dict[str, dict[str, Any]]:
+    """Each model's scores by label, in `models` order (benchmarks in the recipe's): reused from a finished
+    `models/<label>/`, or scored now.
 
-    teacher = as_teacher(recipe, model)
-    prompts = source_prompts(recipe.eval.benchmarks, teacher=teacher, where="eval.benchmarks")
-    llm = None
-    if teacher.backend == "vllm":
-        from teacher.offline import load_engine
-
-        llm = load_engine(teacher)
-    per_benchmark, written = {}, 0
-    by_kind: dict[str, tuple[list[list[str]], list[list[bool]]]] = {}
-    for loaded in benchmarks:
-        stats = GenerationStats()
-        traces = generate_traces(loaded.problems, teacher=teacher, stats=stats, llm=llm, prompts=prompts)
-        answers, verdicts, rows = judge(loaded.problems, traces, n=teacher.sampling["n"], recipe=recipe)
-        for row in rows:
-            handle.write(files.json_line({"model": label, "benchmark": loaded.spec.name, **row}))
-        written += len(rows)
-        scores = score(answers, verdicts, k=recipe.eval.pass_k)
-        scores["prompt_too_long"] = len(stats.skipped_ids)
-        per_benchmark[loaded.spec.name] = {"kind": loaded.spec.kind, **scores}
-        kind_answers, kind_verdicts = by_kind.setdefault(loaded.spec.kind, ([], []))
-        kind_answers += answers
-        kind_verdicts += verdicts
-        log.info("%s on %s: %s", label, loaded.spec.name, _brief(scores))
-    del llm
-    gc.collect()
-    domains = {kind: score(a, v, k=recipe.eval.pass_k) for kind, (a, v) in by_kind.items()}
-    all_answers = [keys for answers, _ in by_kind.values() for keys in answers]
-    all_verdicts = [oks for _, verdicts in by_kind.values() for oks in verdicts]
-    overall = score(all_answers, all_verdicts, k=recipe.eval.pass_k)
-    return {"benchmarks": per_benchmark, "domains": domains, "overall": overall}, written
-
-
-def as_teacher(recipe: Recipe, model: str) -> Teacher:
-    """The model to score, set up as a teacher: the prompt and `<think>` prefix the student was trained with (a
-    benchmark's own `prompt` wins; unset, each answer kind's default, as in generation)."""
-    cfg = recipe.eval
-    trained_with = recipe.teacher
-    return Teacher(
-        backend="openai" if cfg.endpoint else "vllm",
-        model=model,
-        prompt=trained_with.prompt if trained_with else None,
-        system_prompt=trained_with.system_prompt if trained_with else None,
-        think_prefix=trained_with.think_prefix if trained_with else "<think>\n",
-        sampling=cfg.sampling,
-        engine=cfg.engine,
-        endpoint=cfg.endpoint,
-    )
+    Two or more models to score on vLLM are scored one per child process: only a process exit frees an engine's
+    GPU memory for certain, and the next engine's start-up check needs it free. A single one (a plain eval, or the
+    one model a rerun has left) is scored in this process, as no engine follows it here and a child would cost
+    another vLLM import (about 15 s on a CPU, paid in every demo run). A failed child does not stop the models after
+    it; the stage then fails naming every failed model, and a rerun scores only those."""
+    scored: dict[str, dict[str, Any]] = {}
+    for label, model in models.items():
+        kept = finished(work_dir / MODELS / label, model=model)
+        if kept is not None:
+            log.info("eval: %s (%s) already scored in %s: reusing its results", label, model, work_dir / MODELS)
+            scored[label] = kept
+    todo = {label: model for label, model in models.items() if label not in scored}
+    in_children = len(todo) > 1 and recipe.eval.endpoint is None
+    recipe_json = work_dir / MODELS / "recipe.json"  # what the children read; removed after them
+    if in_children:
+        files.write_json(recipe_json, recipe.model_dump(mode="json"))
+    failed = []
+    try:
+        for label, model in todo.items():
+            out, t0 = work_dir / MODELS / label, time.monotonic()
+            if in_children:
+                code = _score_in_child(label, model, out=out, recipe_json=recipe_json)
+                kept = finished(out, model=model)
+                if code != 0 or kept is None:
+                    why = f"exit code {code}" if code else f"exited 0 but wrote no {out / SCORES}"
+                    failed.append(f"{label} ({model}): {why}")
+                    continue
+                scored[label] = kept
+            else:
+                scored[label] = score_model(recipe, model, benchmarks, label=label, out=out)
+            where = "a child process" if in_children else "this process"
+            log.info("eval: %s scored in %s in %.1f s", label, where, time.monotonic() - t0)
+    finally:
+        recipe_json.unlink(missing_ok=True)
+    if failed:
+        kept = [label for label in models if label in scored]
+        raise DistillError(
+            f"eval: scoring failed for {'; '.join(failed)} (the log above says why). The finished models' results "
+            f"are kept in {work_dir / MODELS} ({', '.join(kept) or 'none yet'}); fix the failed model and rerun the "
+            "same command: it reuses them and scores only the rest."
+        )
+    return {label: _in_recipe_order(scored[label], benchmarks) for label in models}
 
 
-def judge(
-    problems: list[Problem], traces: list[Trace], *, n: int, recipe: Recipe
-) -> tuple[list[list[str]], list[list[bool]], list[dict[str, Any]]]:
-    """Per problem: the k answer keys (for maj@k), the k verdicts, and the per-sample detail rows."""
-    reasons = verify(traces, timeout_s=recipe.filter.verify_timeout_s, workers=recipe.filter.workers)
-    by_problem: dict[str, list[tuple[Trace, str]]] = {}
-    for trace, reason in zip(traces, reasons, strict=True):
-        by_problem.setdefault(trace.id, []).append((trace, reason))
-    answers, verdicts, rows = [], [], []
-    for problem in problems:
-        judged = by_problem.get(problem.id, [])
-        keys = [answer_key(trace) for trace, _ in judged] + [""] * (n - len(judged))
-        oks = [reason == "ok" for _, reason in judged] + [False] * (n - len(judged))
-        answers.append(keys)
-        verdicts.append(oks)
-        for (trace, reason), key in zip(judged, keys, strict=False):
-            rows.append(
-                {
-                    "id": trace.id,
-                    "sample": trace.sample,
-                    "prompt": trace.prompt,
-                    "completion": trace.completion,
-                    "extracted": key,
-                    "finish_reason": trace.finish_reason,
-                    "completion_tokens": trace.completion_tokens,
-                    "verdict": {"correct": reason == "ok", "reason": reason},
-                }
-            )
-    return answers, verdicts, rows
+def _in_recipe_order(scored: dict[str, Any], benchmarks: list[Loaded]) -> dict[str, Any]:
+    """Benchmarks and domains in the recipe's order, which `results.md` rows follow: `scores.json` read back from
+    disk has them key-sorted."""
+    kinds = dict.fromkeys(loaded.spec.kind for loaded in benchmarks)
+    return {
+        **scored,
+        "benchmarks": {loaded.spec.name: scored["benchmarks"][loaded.spec.name] for loaded in benchmarks},
+        "domains": {kind: scored["domains"][kind] for kind in kinds},
+    }
 
 
-def verify(traces: list[Trace], *, timeout_s: float, workers: int | None) -> list[str]:
-    """One reason per trace, in order, from the filter's own steps and worker pool: `truncated` (cut by max_tokens
-    or no `</think>`), the answer check's reasons, `ok`. Same words and timeouts as the filter stage."""
-    from distill.filter import to_item
-    from distill.filter.pool import VerifyPool
-    from distill.filter.steps import AnswerMatches, Truncated
-
-    groups: list[list[dict[str, Any]]] = []
-    for index, trace in enumerate(traces):
-        if index == 0 or trace.id != traces[index - 1].id:
-            groups.append([])
-        groups[-1].append(to_item(trace.to_dict()))
-    steps = [Truncated(), AnswerMatches(verify=True, timeout_s=timeout_s)]
-    with VerifyPool(steps=steps, workers=workers or os.cpu_count() or 1, timeout_s=timeout_s) as pool:
-        return [reason for outcomes in pool.imap(groups) for _, reason in outcomes]
-
-
-def answer_key(trace: Trace) -> str:
-    """What a sample answered, normalised for majority voting: the last \\boxed{} after `</think>`, the letter
-    (choice), or the final code block with whitespace removed (code)."""
-    from distill.filter.answers import choice_letter, final_code
-
-    if trace.finish_reason in CUT_SHORT or "</think>" not in trace.completion:
-        return ""
-    if trace.kind == "choice":
-        return choice_letter(trace.final, n_choices=len(trace.choices or []) or 26) or ""
-    if trace.kind == "code":
-        return "".join((final_code(trace.final) or "").split())
-    boxed = last_boxed(trace.final) or ""
-    return "".join(boxed.replace("\\left", "").replace("\\right", "").replace("\\!", "").split())
+def _score_in_child(label: str, model: str, *, out: Path, recipe_json: Path) -> int:
+    """Score one model with `python -m distill.scoring` in a child that inherits this process's environment (vLLM
+    and thread settings, offline flags) and writes its logs, stdout included, to this process's stderr. Returns
+    its exit code."""
+    command = [
+        sys.executable,
+        "-m",
+        "distill.scoring",
+        *("--recipe", str(recipe_json), "--label", label, "--model", model, "--out", str(out)),
+        *("--log-level", str(log.getEffectiveLevel())),
+    ]
+    log.info("eval: scoring %s in a child process: %s", label, shlex.join(command))
+    sys.stderr.flush()
+    return subprocess.run(command, stdout=sys.stderr, check=False).returncode
 
 
-def _brief(scores: dict[str, Any]) -> str:
-    return ", ".join(f"{k} {100 * v:.1f}" for k, v in scores.items() if "@" in k)
+def merge_samples(work_dir: Path, *, labels: list[str]) -> int:
+    """Concatenate the models' `samples.jsonl` into the stage's, in `labels` order (student first, as one pass
+    over the models wrote it before); returns the number of rows."""
+    count = 0
+    with files.atomic_open(work_dir / SAMPLES) as merged:
+        for label in labels:
+            with (work_dir / MODELS / label / SAMPLES).open(encoding="utf-8") as rows:
+                for row in rows:
+                    merged.write(row)
+                    count += 1
+    return count
 
 
 def results_table(results: dict[str, Any]) -> str:

@@ -4,15 +4,16 @@ hand-written completions through the filter's verifiers."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import yaml
 
 from conftest import TINY_ENGINE
 from distill import files, pipeline
-from distill.evaluate import answer_key, judge
 from distill.recipe import load_recipe
 from distill.records import Problem, Trace, split_reasoning
+from distill.scoring import answer_key, judge
 
 
 def _trace(problem: Problem, sample: int, completion: str, finish_reason: str = "stop") -> Trace:
@@ -71,9 +72,8 @@ def _write(tmp_path, data) -> str:
     return str(path)
 
 
-@pytest.mark.slow
-def test_eval_stage_real_vllm_on_math500_and_aime(tmp_path, tiny_model, shared_data):
-    recipe = load_recipe(
+def _eval_recipe(tmp_path, shared_data, tiny_model, *, compare_base: bool):
+    return load_recipe(
         _write(
             tmp_path,
             {
@@ -89,20 +89,30 @@ def test_eval_stage_real_vllm_on_math500_and_aime(tmp_path, tiny_model, shared_d
                     "sampling": {"n": 2, "max_tokens": 12, "seed": 0},
                     "engine": TINY_ENGINE,
                     "pass_k": [1, 2],
-                    "compare_base": True,
+                    "compare_base": compare_base,
                 },
             },
         )
     )
+
+
+@pytest.mark.slow
+def test_eval_stage_real_vllm_on_math500_and_aime(tmp_path, tiny_model, shared_data, caplog):
+    """compare_base scores each model in its own process into models/<label>/ and merges them into the outputs a
+    single pass wrote; the student's part equals an in-process run of the student alone."""
+    caplog.set_level(logging.INFO, logger="distill.evaluate")
+    recipe = _eval_recipe(tmp_path, shared_data, tiny_model, compare_base=True)
     manifest = pipeline.run_stage(
         recipe, "eval", runs_dir=tmp_path / "runs", options=pipeline.StageOptions(progress=False)
     )
+    assert "student scored in a child process" in caplog.text and "base scored in a child process" in caplog.text
     out = tmp_path / "runs" / "ev" / "eval"
     rows = list(files.read_jsonl(out / "samples.jsonl"))
     assert len(rows) == 2 * 5 * 2 == manifest.counts["out"], "2 models x 5 problems x k=2 samples"
     assert {(r["model"], r["benchmark"]) for r in rows} == {
         (m, b) for m in ("student", "base") for b in ("math500", "aime24")
     }
+    assert [r["model"] for r in rows] == ["student"] * 10 + ["base"] * 10, "student first, as one pass wrote them"
     for row in rows:
         assert row["completion"].startswith("<think>\n") and row["prompt"][0]["role"] == "user"
         if row["finish_reason"] == "length":
@@ -110,13 +120,33 @@ def test_eval_stage_real_vllm_on_math500_and_aime(tmp_path, tiny_model, shared_d
                 "hitting max_tokens is wrong, not an error"
             )
     results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"k", "sampling", "student", "base", "benchmarks"}
     assert set(results["benchmarks"]) == {"math500", "aime24"} and results["k"] == 2
     for label in ("student", "base"):
         overall = results[label]["overall"]
         assert overall["problems"] == 5 and overall["samples"] == 2 and set(overall) >= {"pass@1", "pass@2", "maj@2"}
         assert overall["pass@1"] == 0.0, "a random-init model solves nothing"
+        assert set(results[label]) == {"model", "benchmarks", "domains", "overall"}
+        assert json.loads((out / "models" / label / "scores.json").read_text()) == results[label]
+        assert list(files.read_jsonl(out / "models" / label / "samples.jsonl")) == [
+            r for r in rows if r["model"] == label
+        ]
+    assert not (out / "models" / "recipe.json").exists(), "the children's recipe is not part of the output"
     table = (out / "results.md").read_text()
     assert "| student (`qwen2`) | math500 | math | 3 |" in table and "| base (`qwen2`) | overall | all | 5 |" in table
+
+    caplog.clear()
+    alone = _eval_recipe(tmp_path, shared_data, tiny_model, compare_base=False)
+    pipeline.run_stage(alone, "eval", runs_dir=tmp_path / "alone", options=pipeline.StageOptions(progress=False))
+    assert "student scored in this process" in caplog.text and "child process" not in caplog.text
+    single = tmp_path / "alone" / "ev" / "eval"
+    assert json.loads((single / "results.json").read_text())["student"] == results["student"]
+    assert list(files.read_jsonl(single / "samples.jsonl")) == rows[:10], "same seed, same samples, either way"
+    student_rows = [line for line in table.splitlines() if line.startswith("| student")]
+    assert [line for line in (single / "results.md").read_text().splitlines() if line.startswith("| student")] == (
+        student_rows
+    ), "the same table rows, in the recipe's benchmark order"
+    assert student_rows[0].startswith("| student (`qwen2`) | math500 |")
 
 
 def test_eval_merges_a_lora_adapter_once_to_serve_it(tmp_path, tiny_model):
