@@ -170,6 +170,12 @@ def check_max_length(context: int | None, *, max_length: int | None, extended: b
     return max_length or context or 2**31
 
 
+def model_context(model: str, *, offline: bool = False) -> int | None:
+    """A model's context (max_position_embeddings), or None when its config does not say (or is not available
+    `offline`)."""
+    return _model_context(model, offline=offline)
+
+
 def _model_context(model: str, *, offline: bool) -> int | None:
     config = load_config(model, offline=offline)
     return context(config) if config is not None else None
@@ -185,6 +191,7 @@ def _generation_fits(
     notes: list[str],
     endpoint: Any = None,
     prompt_tokens: int = 1,
+    limit_name: str | None = None,
 ) -> list[str]:
     """`max_tokens` plus the prompt must fit the engine's `max_model_len`, which must fit the model."""
     if endpoint is not None:
@@ -201,7 +208,7 @@ def _generation_fits(
     if limit is None:
         notes.append(f"{section}: {label}'s config.json not here; lengths checked when the stage starts")
     elif max_tokens is not None and max_tokens + prompt_tokens > limit:
-        source = f"{section}.engine.max_model_len" if max_model_len else f"{label}'s context"
+        source = limit_name or (f"{section}.engine.max_model_len" if max_model_len else f"{label}'s context")
         needed = (
             f"{max_tokens} + a {prompt_tokens}-token prompt" if prompt_tokens > 1 else f"{max_tokens} + the prompt"
         )
@@ -230,21 +237,20 @@ def check_teacher(recipe: Recipe) -> None:
         raise RecipeError("\n".join(problems))
 
 
-def check_eval_prompt(recipe: Recipe, *, model_ctx: int | None, longest_prompt: int, label: str) -> None:
-    """At eval start, with the longest rendered benchmark prompt: raise when prompt + max_tokens cannot fit."""
-    notes: list[str] = []
+def eval_prompt_problem(recipe: Recipe, *, max_model_len: int, longest_prompt: int, label: str) -> str | None:
+    """At eval start, with the engine's `max_model_len` and the longest rendered benchmark prompt: the message when
+    the prompt plus `eval.sampling.max_tokens` cannot fit, else None."""
     problems = _generation_fits(
         "eval",
         recipe.eval.sampling,
-        recipe.eval.engine,
-        model_ctx,
+        {"max_model_len": max_model_len},
+        None,
         label=label,
-        notes=notes,
-        endpoint=recipe.eval.endpoint,
+        notes=[],
         prompt_tokens=longest_prompt,
+        limit_name=f"the max_model_len vLLM serves {label} with",
     )
-    if problems:
-        raise RecipeError("\n".join(problems))
+    return problems[0] if problems else None
 
 
 def _round_up(tokens: int) -> int:

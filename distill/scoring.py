@@ -24,12 +24,14 @@ from typing import Any
 
 from distill import files
 from distill.data import Loaded, last_boxed, load_source
+from distill.errors import RecipeError
 from distill.prompts import source_prompts
 from distill.records import CUT_SHORT, Problem, Trace
 from distill.schema import Recipe, Teacher
 
 log = logging.getLogger(__name__)
 SAMPLES = "samples.jsonl"
+STUDENT = "student"  # the label of the model the stage evaluates (the others are references: compare_base)
 SCORES = "scores.json"
 
 
@@ -43,11 +45,12 @@ def score_model(recipe: Recipe, model: str, benchmarks: list[Loaded], *, label: 
     from teacher.generate import generate_traces
     from teacher.traces import GenerationStats
 
-    teacher = as_teacher(recipe, model)
+    teacher = fitted(as_teacher(recipe, model), label=label)
     prompts = source_prompts(recipe.eval.benchmarks, teacher=teacher, where="eval.benchmarks")
     per_benchmark = {}
     by_kind: dict[str, tuple[list[list[str]], list[list[bool]]]] = {}
     with _engine(teacher) as llm, files.atomic_open(out / SAMPLES) as handle:
+        engine = _check_prompts(recipe, teacher, llm, benchmarks, prompts=prompts, label=label) if llm else {}
         for loaded in benchmarks:
             stats = GenerationStats()
             traces = generate_traces(loaded.problems, teacher=teacher, stats=stats, llm=llm, prompts=prompts)
@@ -65,7 +68,7 @@ def score_model(recipe: Recipe, model: str, benchmarks: list[Loaded], *, label: 
     all_answers = [keys for answers, _ in by_kind.values() for keys in answers]
     all_verdicts = [oks for _, verdicts in by_kind.values() for oks in verdicts]
     overall = score(all_answers, all_verdicts, k=recipe.eval.pass_k)
-    scored = {"model": model, "benchmarks": per_benchmark, "domains": domains, "overall": overall}
+    scored = {"model": model, **engine, "benchmarks": per_benchmark, "domains": domains, "overall": overall}
     files.write_json(out / SCORES, scored)
     return scored
 
@@ -81,22 +84,64 @@ def finished(out: Path, *, model: str) -> dict[str, Any] | None:
 
 @contextlib.contextmanager
 def _engine(teacher: Teacher) -> Iterator[Any]:
-    """The `vllm.LLM` for `teacher` (None for an endpoint), shut down on the way out, error or not.
-
-    `del llm` + `gc.collect()` leaves the release to the collector, and on CUDA the next engine's free-memory check
-    can still see this one's memory. vLLM 0.32's `LLM` has no shutdown of its own; its engine-core client's
-    `shutdown()` (in-process or multiprocess client alike) stops the executor and tears down the distributed state
-    and cached memory. Only a process exit frees everything for certain, hence one child per model in the stage."""
+    """The `vllm.LLM` for `teacher` (None for an endpoint), shut down on the way out (`teacher.offline.serving`).
+    Only a process exit frees everything for certain, hence one child per model when the stage scores several."""
     if teacher.backend != "vllm":
         yield None
         return
-    from teacher.offline import load_engine
+    from teacher.offline import serving
 
-    llm = load_engine(teacher)
-    try:
+    with serving(teacher) as llm:
         yield llm
-    finally:
-        llm.llm_engine.engine_core.shutdown()
+
+
+def fitted(teacher: Teacher, *, label: str) -> Teacher:
+    """`teacher` with an engine its model can start: a `max_model_len` above the model's context (the trained
+    student's, extended by `student.base_config`) is an error for the student, while the untrained base of
+    `compare_base` keeps its own shorter context, with a warning: its answers past it are cut and counted wrong."""
+    from distill import lengths
+
+    limit = teacher.engine.get("max_model_len")
+    context = lengths.model_context(teacher.model) if teacher.backend == "vllm" and limit else None
+    if context is None or limit <= context:
+        return teacher
+    message = (
+        f"eval.engine.max_model_len: {limit} is longer than {label}'s context ({context} positions, {teacher.model})"
+    )
+    if label == STUDENT:
+        raise RecipeError(f"{message}; lower it, or extend the student's context with student.base_config")
+    log.warning(
+        "%s: %s is scored with its own %d, so its answers past it are cut and counted wrong", message, label, context
+    )
+    return teacher.model_copy(update={"engine": {**teacher.engine, "max_model_len": context}})
+
+
+def _check_prompts(
+    recipe: Recipe, teacher: Teacher, llm: Any, benchmarks: list[Loaded], *, prompts: dict[str, str], label: str
+) -> dict[str, int]:
+    """The longest rendered prompt against the engine: for the student, a prompt plus max_tokens that cannot fit is
+    an error before any sample is drawn (its answers would be cut and counted wrong); for a reference model, a
+    warning. Returns what the results record of it."""
+    from distill import lengths
+    from teacher.prompts import generation_prompt, messages
+
+    tokenizer = llm.get_tokenizer()
+    max_model_len = llm.llm_engine.model_config.max_model_len
+    longest = max(
+        len(
+            tokenizer.encode(
+                generation_prompt(tokenizer, chat, think_prefix=teacher.think_prefix), add_special_tokens=False
+            )
+        )
+        for loaded in benchmarks
+        for chat in (messages(problem, teacher=teacher, prompts=prompts) for problem in loaded.problems)
+    )
+    problem = lengths.eval_prompt_problem(recipe, max_model_len=max_model_len, longest_prompt=longest, label=label)
+    if problem and label == STUDENT:
+        raise RecipeError(problem)
+    if problem:
+        log.warning("%s (%s: its answers past it are counted wrong)", problem, label)
+    return {"max_model_len": max_model_len, "longest_prompt_tokens": longest}
 
 
 def as_teacher(recipe: Recipe, model: str) -> Teacher:

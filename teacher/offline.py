@@ -10,6 +10,7 @@ the engine rejects the whole batch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -45,6 +46,19 @@ def load_engine(teacher: Teacher) -> Any:
     return LLM(model=teacher.model, **teacher.engine)
 
 
+@contextlib.contextmanager
+def serving(teacher: Teacher) -> Iterator[Any]:
+    """`load_engine(teacher)`, shut down on the way out, error or not. `del llm` + `gc.collect()` leaves the release
+    to the collector, and on CUDA the next engine (or the training that follows in `distill run`) can still see its
+    memory taken. vLLM 0.32's `LLM` has no shutdown of its own; its engine-core client's `shutdown()` stops the
+    executor and frees the distributed state and cached memory."""
+    llm = load_engine(teacher)
+    try:
+        yield llm
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+
+
 def generate_offline(
     problems: Sequence[Problem],
     *,
@@ -64,7 +78,9 @@ def generate_offline(
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    llm = llm or load_engine(teacher)
+    if llm is None:
+        with serving(teacher) as own:
+            return generate_offline(problems, teacher=teacher, stats=stats, on_done=on_done, llm=own, prompts=prompts)
     params = SamplingParams(**teacher.sampling)
     params.output_kind = RequestOutputKind.FINAL_ONLY  # one output per request, with all n samples
     engine = llm.llm_engine

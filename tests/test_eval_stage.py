@@ -126,7 +126,16 @@ def test_eval_stage_real_vllm_on_math500_and_aime(tmp_path, tiny_model, shared_d
         overall = results[label]["overall"]
         assert overall["problems"] == 5 and overall["samples"] == 2 and set(overall) >= {"pass@1", "pass@2", "maj@2"}
         assert overall["pass@1"] == 0.0, "a random-init model solves nothing"
-        assert set(results[label]) == {"model", "benchmarks", "domains", "overall"}
+        assert set(results[label]) == {
+            "model",
+            "max_model_len",
+            "longest_prompt_tokens",
+            "benchmarks",
+            "domains",
+            "overall",
+        }
+        assert results[label]["max_model_len"] == TINY_ENGINE["max_model_len"]
+        assert 0 < results[label]["longest_prompt_tokens"] < TINY_ENGINE["max_model_len"]
         assert json.loads((out / "models" / label / "scores.json").read_text()) == results[label]
         assert list(files.read_jsonl(out / "models" / label / "samples.jsonl")) == [
             r for r in rows if r["model"] == label

@@ -14,6 +14,7 @@ from conftest import TINY_ENGINE
 from distill import files
 from distill.cli import main as cli_main
 from distill.errors import RecipeError
+from distill.schema import Recipe
 from distill.tinymodel import build_tiny_model
 from student.train import run
 from student_data import addition_row, context, make_run
@@ -162,7 +163,6 @@ def test_extended_student_trains_on_long_rows_and_vllm_serves_its_context(
 def test_filter_warns_when_the_length_limit_removes_too_much(tiny_model: Path, tmp_path: Path, caplog) -> None:
     from distill import pipeline
     from distill.manifest import Manifest
-    from distill.schema import Recipe
     from test_filter_stage import place_generate, think, trace
 
     short, long = think("1 + 1 = 2", "\\boxed{2}"), think(" ".join(["1 + 1 = 2"] * 40), "\\boxed{2}")
@@ -254,7 +254,6 @@ def test_recipe_plan_of_the_1_5b_recipe_matches_the_hand_computed_figures(
 
 def test_model_card_records_the_base_config_overrides(tiny_model: Path, tmp_path: Path) -> None:
     from distill.hub_cards import lineage, model_card
-    from distill.schema import Recipe
 
     recipe = Recipe.model_validate(
         {
@@ -270,3 +269,62 @@ def test_model_card_records_the_base_config_overrides(tiny_model: Path, tmp_path
         "`rope_theta: 40000.0`; the model's config.json carries it" in card
     )
     assert "base_config:\n  max_position_embeddings: 1024\n  rope_theta: 40000.0\nsft:" in card
+
+
+def _eval_recipe(tmp_path: Path, model: Path, *, base: Path, **eval_section) -> Recipe:
+    files.write_jsonl(
+        tmp_path / "heldout.jsonl", [{"problem": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(2)]
+    )
+    return Recipe.model_validate(
+        {
+            "name": "long",
+            "data": {"spec": "local_jsonl", "path": "unused.jsonl"},
+            "student": {"model": str(base)},
+            "eval": {
+                "model": str(model),
+                "benchmarks": [{"spec": "local_jsonl", "path": str(tmp_path / "heldout.jsonl")}],
+                "sampling": {"n": 1, "max_tokens": 200, "temperature": 0.0},
+                "engine": {**TINY_ENGINE, "max_model_len": 1024},
+                "pass_k": [1],
+                **eval_section,
+            },
+        }
+    )
+
+
+@pytest.mark.slow
+def test_eval_serves_the_extended_student_at_its_context_and_the_base_at_its_own(
+    short_model: Path, tmp_path: Path, caplog
+) -> None:
+    """compare_base with a student extended to 1024 positions: the base (256) cannot start an engine of 1024, so it
+    is scored at its own context with a warning; each model's max_model_len is in the results."""
+    import shutil
+
+    from distill import pipeline
+
+    extended = tmp_path / "extended"
+    shutil.copytree(short_model, extended)
+    config = files.read_json(extended / "config.json")
+    files.write_json(extended / "config.json", {**config, "max_position_embeddings": 1024})
+    recipe = _eval_recipe(tmp_path, extended, base=short_model, compare_base=True)
+    with caplog.at_level("WARNING"):
+        pipeline.run_stage(recipe, "eval", runs_dir=tmp_path / "runs", options=pipeline.StageOptions(progress=False))
+    results = files.read_json(tmp_path / "runs" / "long" / "eval" / "results.json")
+    assert (results["student"]["max_model_len"], results["base"]["max_model_len"]) == (1024, 256)
+    assert 0 < results["student"]["longest_prompt_tokens"] == results["base"]["longest_prompt_tokens"] < 100
+
+
+def test_eval_refuses_a_student_whose_prompt_and_max_tokens_cannot_fit(short_model: Path, tmp_path: Path) -> None:
+    from distill import pipeline
+
+    recipe = _eval_recipe(tmp_path, short_model, base=short_model, engine={**TINY_ENGINE, "max_model_len": 256})
+    recipe = recipe.model_copy(
+        update={"eval": recipe.eval.model_copy(update={"sampling": {"n": 1, "max_tokens": 250}})}
+    )
+    with pytest.raises(
+        RecipeError,
+        match=r"eval.sampling.max_tokens: 250 \+ a \d+-token prompt does not fit the "
+        r"max_model_len vLLM serves student with \(256 tokens\)",
+    ):
+        pipeline.run_stage(recipe, "eval", runs_dir=tmp_path / "runs", options=pipeline.StageOptions(progress=False))
+    assert not (tmp_path / "runs" / "long" / "eval").exists()
