@@ -26,6 +26,9 @@ from student_data import addition_rows, context, make_run, plan_for
 from test_hub import RecordingHfApi
 
 FAST = {"max_steps": 1, "report_to": "none"}
+# what a checkpoint upload holds: a transformers checkpoint's model files (weights, configs, tokenizer, template)
+SENT = ["chat_template.jinja", "config.json", "generation_config.json", "model.safetensors"]
+SENT += ["tokenizer.json", "tokenizer_config.json"]
 TWO_NODES = {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.7", "MASTER_PORT": "29555", "NPROC_PER_NODE": "8"}
 
 
@@ -120,10 +123,11 @@ def test_train_refuses_cpu_when_gpus_were_promised(
     assert sft["use_cpu"] is True and sft["bf16"] is False, "use_cpu: true makes CPU deliberate"
 
 
-def test_manifests_record_torch_cuda_build_and_devices() -> None:
+def test_manifests_record_torch_cuda_build_and_devices(tmp_path: Path) -> None:
     import torch
 
-    from distill.manifest import Manifest
+    from conftest import finish_stage
+    from distill.manifest import read_manifest
 
     facts = device_facts()
     assert facts == {
@@ -132,18 +136,8 @@ def test_manifests_record_torch_cuda_build_and_devices() -> None:
         "device_count": torch.cuda.device_count(),
         "promised_by": promised_gpus(),
     }
-    manifest = Manifest(
-        stage="t",
-        recipe="r",
-        section_hash="",
-        input_hash="",
-        output_hash="",
-        counts={},
-        started_at="",
-        finished_at="",
-        wall_s=0.0,
-    )
-    assert manifest.devices == facts
+    finish_stage(tmp_path / "stage", {})  # the manifest any stage gets
+    assert read_manifest(tmp_path / "stage").devices == facts
 
 
 def test_lora_and_qlora_load_the_frozen_base_in_the_training_precision(tiny_model: Path, tmp_path: Path) -> None:
@@ -253,14 +247,7 @@ def test_checkpoint_push_sends_model_files_in_the_background_and_survives_rotati
     api.gate.set()
     result = callback.wait()
     (upload,) = [kwargs for name, kwargs in api.calls if name == "upload_folder"]
-    assert sorted(upload["files"]) == [
-        "chat_template.jinja",
-        "config.json",
-        "generation_config.json",
-        "model.safetensors",
-        "tokenizer.json",
-        "tokenizer_config.json",
-    ]
+    assert sorted(upload["files"]) == SENT
     assert upload["revision"] == "run-x-step-4" and result["sent"][0]["revision"] == "run-x-step-4"
     assert result["failed"] == [] and not list((out / ".push").iterdir()), "a sent snapshot is removed"
 
