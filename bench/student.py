@@ -140,7 +140,7 @@ def useful_ratio(model: Path, data: list[dict], tmp: Path, sft: dict) -> float:
         model=str(model),
         data=str(tmp / "data.jsonl"),
         template=str(tmp / "template.jinja"),
-        sft={**SETTINGS, **sft, "output_dir": str(tmp / "u"), "eos_token": chat.end_of_turn},
+        args={**SETTINGS, **sft, "output_dir": str(tmp / "u"), "eos_token": chat.end_of_turn},
         peft=None,
         quantization=None,
         save_dir=str(tmp / "u"),

@@ -36,9 +36,9 @@ for key, value in {
 
 from distill import pipeline  # noqa: E402  (the environment above must be set before vLLM is imported)
 from distill.data import load_problems  # noqa: E402
+from distill.prompts import messages  # noqa: E402
 from distill.schema import Recipe  # noqa: E402
 from distill.tinymodel import CPU_ENGINE, build_tiny_model  # noqa: E402
-from teacher.prompts import messages  # noqa: E402
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "math500" / "test.jsonl"
 ENGINE = CPU_ENGINE

@@ -25,6 +25,7 @@ STAGE_HELP = {
     "generate": "teacher: chain-of-thought traces for the recipe's problems (vLLM or an OpenAI-compatible endpoint)",
     "filter": "verify, clean, deduplicate and decontaminate the traces",
     "train": "fine-tune the student on the kept traces (TRL SFT, LoRA or full)",
+    "onpolicy": "distil the trained student on its own samples, scored token by token by the teacher (reverse KL)",
     "eval": "score a model: pass@1 over k samples, pass@k, maj@k",
     "push": "push the dataset and the student to the Hugging Face Hub with lineage cards",
 }

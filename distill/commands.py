@@ -66,10 +66,12 @@ def recipe(args: argparse.Namespace) -> int:
     if args.recipe_command == "show":
         print(dump_recipe(load_recipe(args.recipe, overrides=args.overrides)), end="")
     elif args.recipe_command == "check":
-        from distill import lengths
+        from distill import lengths, vocab
 
         for path in args.recipes:
-            problems, notes = lengths.check(load_recipe(path))
+            loaded = load_recipe(path)
+            problems, notes = lengths.check(loaded)
+            problems += vocab.check_recipe(loaded)
             if problems:
                 raise RecipeError("\n".join(f"{path}: {line}" for line in problems))
             for note in notes:

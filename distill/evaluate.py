@@ -27,7 +27,7 @@ from typing import Any
 from distill import files
 from distill.data import Loaded, load_source
 from distill.errors import DistillError
-from distill.pipeline import StageContext, StageReport
+from distill.pipeline import StageContext, StageReport, student_stage
 from distill.schema import Recipe
 from distill.scoring import SAMPLES, SCORES, finished, score_model
 
@@ -37,7 +37,9 @@ MODELS = "models"  # <work_dir>/models/<label>/: one finished model's samples.js
 
 def run(recipe: Recipe, *, ctx: StageContext) -> StageReport:
     cfg = recipe.eval
-    models = {"student": ctx.options.model or cfg.model or str(ctx.inputs["train"])}
+    models = {"student": ctx.options.model or cfg.model or str(ctx.inputs[student_stage(recipe)])}
+    if cfg.compare_sft and "onpolicy" in ctx.inputs and "train" in ctx.inputs:
+        models["sft"] = str(ctx.inputs["train"])
     if cfg.compare_base:
         if recipe.student is None:
             raise ValueError("eval.compare_base: needs student.model (the base) in the recipe")
@@ -177,7 +179,7 @@ def merge_samples(work_dir: Path, *, labels: list[str]) -> int:
 def results_table(results: dict[str, Any]) -> str:
     """Markdown: one row per model and benchmark, then one per domain (answer kind) when there are several, then
     the overall row."""
-    labels = [label for label in ("student", "base") if label in results]
+    labels = [label for label in ("student", "sft", "base") if label in results]
     keys = sorted({k for label in labels for k in results[label]["overall"] if "@" in k})
     lines = [
         f"k = {results['k']} samples per problem; scores in %.",

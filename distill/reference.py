@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from distill.recipe import PASSTHROUGH
-from distill.schema import Endpoint, Eval, Filter, Hub, Recipe, Student, Teacher
+from distill.schema import Endpoint, Eval, Filter, Hub, OnPolicy, Recipe, Student, Teacher
 from distill.sources import DatasetSpec, DataSource, FieldMap, Mixture
 
 SECTIONS: list[tuple[str, type[BaseModel]]] = [
@@ -24,6 +24,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("teacher.endpoint", Endpoint),
     ("filter", Filter),
     ("student", Student),
+    ("onpolicy", OnPolicy),
     ("eval", Eval),
     ("hub", Hub),
 ]

@@ -43,8 +43,45 @@ def plan(recipe: Recipe, *, runs_dir: Path, gpus: int) -> dict[str, Any]:
         figures["teacher"] = _teacher(recipe, problems, run_dir)
     if recipe.student is not None:
         figures["student"] = _student(recipe, figures.get("teacher"), run_dir, gpus=gpus)
+    if recipe.onpolicy is not None:
+        figures["onpolicy"] = _onpolicy(recipe, gpus=gpus)
     if recipe.eval is not None:
         figures["eval"] = _eval(recipe)
+    return figures
+
+
+def _onpolicy(recipe: Recipe, *, gpus: int) -> dict[str, Any]:
+    """Sampled-and-scored tokens at most (steps x answers per step x max_completion_length) and where the teacher's
+    weights go: on a vLLM server, or in bf16 beside the student on every GPU (a ZeRO-3 launcher shards them)."""
+    from distill import lengths
+    from distill.vocab import teacher_of
+
+    onpolicy, world = recipe.onpolicy, max(gpus, 1)
+    config = onpolicy.config
+    per_step = int(config.get("per_device_train_batch_size", 8)) * int(config.get("gradient_accumulation_steps", 1))
+    steps, completion = config.get("max_steps"), config.get("max_completion_length")
+    answers = per_step * world * int(steps) if steps else None
+    teacher = teacher_of(recipe)
+    figures: dict[str, Any] = {
+        "teacher": teacher,
+        "answers_per_step": per_step * world,
+        "answers": answers,
+        "scored_tokens_at_most": answers * int(completion) if answers and completion else None,
+    }
+    if onpolicy.teacher_server:
+        figures["teacher_weights_per_gpu"] = {"value": 0, "how": f"behind the server {onpolicy.teacher_server}"}
+        return figures
+    teacher_config = lengths.load_config(teacher, offline=True) if teacher else None
+    if teacher_config is None:
+        figures["teacher_weights_per_gpu"] = {"value": None, "how": f"unknown: {teacher}'s config.json not here"}
+        return figures
+    share = world if _sharding(onpolicy.accelerate).startswith("zero3") else 1
+    weights = parameters(teacher_config) * 2 / share
+    figures["teacher_weights_per_gpu"] = {
+        "value": round(weights / GIB, 2),
+        "how": f"bf16, {'sharded by ZeRO-3' if share > 1 else 'whole on every GPU'}; above ~80% of a GPU: "
+        "set onpolicy.teacher_server",
+    }
     return figures
 
 
@@ -128,7 +165,7 @@ def _eval(recipe: Recipe) -> dict[str, Any]:
     n, max_tokens = int(recipe.eval.sampling.get("n", 1)), recipe.eval.sampling.get("max_tokens")
     known = [b["value"] for b in benchmarks.values()]
     total = sum(known) if None not in known else None
-    models = 2 if recipe.eval.compare_base else 1
+    models = 1 + int(recipe.eval.compare_base) + int(recipe.eval.compare_sft and recipe.onpolicy is not None)
     generations = total * n * models if total is not None else None
     return {
         "benchmarks": benchmarks,
@@ -201,6 +238,11 @@ def _sharding(accelerate: str | None) -> str:
     return "zero3-offload" if deepspeed.get("offload_param_device", "none") != "none" else "zero3"
 
 
+def parameters(config: Any) -> int:
+    """Every parameter of a model with this config, counted on the `meta` device (no weights are read)."""
+    return _parameters(config, peft=None)[0]
+
+
 def _parameters(config: Any, *, peft: dict[str, Any] | None) -> tuple[int, int]:
     """(all parameters, LoRA parameters) of a skeleton on the `meta` device: exact, and no weights are read."""
     import torch
@@ -254,6 +296,15 @@ def render(figures: dict[str, Any]) -> str:
                 row(f"student memory per GPU: {part} (GiB)", mem[part], mem["how"] if part == "total" else "")
         else:
             row("student memory per GPU", None, mem["how"])
+    if onpolicy := figures.get("onpolicy"):
+        row("on-policy answers per step", onpolicy["answers_per_step"], "batch x accumulation x GPUs")
+        row(
+            "on-policy tokens sampled and scored",
+            onpolicy["scored_tokens_at_most"],
+            "at most: x max_steps x max_completion_length; the teacher generates none",
+        )
+        weights = onpolicy["teacher_weights_per_gpu"]
+        row("on-policy teacher weights per GPU (GiB)", weights["value"], weights["how"])
     if evaluation := figures.get("eval"):
         for name, count in evaluation["benchmarks"].items():
             row(f"eval problems: {name}", count["value"], count["how"])

@@ -2,10 +2,10 @@
 
 Sections that feed a library object are plain mappings passed through under the library's own names and checked
 against the installed class (see `distill.passthrough`): `teacher.sampling` → `vllm.SamplingParams`,
-`teacher.engine` → `vllm.LLM`, `student.sft` → `trl.SFTConfig`, `student.peft` → `peft.LoraConfig`,
-`eval.sampling`/`eval.engine` likewise. Everything else is a distill setting, documented once, here, in its
-`description`; the README's recipe reference is generated from these descriptions. Where problems come from
-(dataset specs, data sources, mixtures) is in `distill.sources`.
+`teacher.engine` → `vllm.LLM`, `student.sft` → `trl.SFTConfig`, `student.peft` and `onpolicy.peft` →
+`peft.LoraConfig`, `onpolicy.config` → `trl.DistillationConfig`, `eval.sampling`/`eval.engine` likewise. Everything
+else is a distill setting, documented once, here, in its `description`; the README's recipe reference is generated
+from these descriptions. Where problems come from (dataset specs, data sources, mixtures) is in `distill.sources`.
 """
 
 from __future__ import annotations
@@ -243,6 +243,40 @@ class Student(Section):
     _merge_sft = field_validator("sft", mode="before")(_merge_defaults({"assistant_only_loss": True}))
 
 
+class OnPolicy(Section):
+    teacher: str | None = Field(
+        None,
+        description="Teacher that scores the student's samples: local path or hub id, sharing the student's tokenizer "
+        "(padded embedding rows may differ); unset: `teacher.model` when `teacher.backend` is vllm. With "
+        "`teacher_server` it names the served model, for the tokenizer and context checks.",
+    )
+    teacher_server: str | None = Field(
+        None,
+        description="Base URL of a vLLM server holding the teacher (`http://host:8000`), for teachers too big to sit "
+        "beside the student: TRL's server distillation, scoring with the teacher's log-prob of each sampled token.",
+    )
+    prompts: list[DataSource] = Field(
+        default_factory=list,
+        description="Problems the student answers (data sources); empty: the recipe's `data`, problems the filter "
+        "dropped included. Each is prompted as the teacher was (`teacher.prompt`, `teacher.think_prefix`).",
+    )
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="`trl.DistillationConfig` fields (`beta` 1.0: reverse KL; `max_completion_length`; "
+        "`learning_rate`, TRL's default 1e-6); with `teacher_server`, `ServerDistillationConfig`'s too.",
+    )
+    peft: dict[str, Any] | None = Field(
+        None,
+        description="`peft.LoraConfig` fields; absent: every weight trains. With it the merged model is the "
+        "stage's output and the adapter is kept under `adapter/`.",
+    )
+    accelerate: str | None = Field(
+        None, description="Launcher config: a name in `recipes/accelerate/` (`ddp`, `zero3`, ...) or a path."
+    )
+
+    _names_as_sources = field_validator("prompts", mode="before")(lambda value: as_sources(value))
+
+
 class Eval(Section):
     benchmarks: list[DataSource] = Field(default_factory=list, description="Benchmarks to score (dataset specs).")
     model: str | None = Field(None, description="Model to evaluate; unset evaluates the train stage's output.")
@@ -256,6 +290,9 @@ class Eval(Section):
     )
     pass_k: list[int] = Field(default_factory=lambda: [1], description="k values for the unbiased pass@k estimator.")
     compare_base: bool = Field(False, description="Also score `student.model` (the untrained base) for comparison.")
+    compare_sft: bool = Field(
+        False, description="With `onpolicy`, also score the train stage's SFT student (label `sft`) before it."
+    )
     _merge_sampling = field_validator("sampling", mode="before")(_merge_defaults(R1_SAMPLING))
 
     @model_validator(mode="after")
@@ -288,6 +325,9 @@ class Recipe(Section):
     teacher: Teacher | None = Field(None, description="Trace generation (stage `generate`).")
     filter: Filter = Field(default_factory=Filter, description="Verification and cleaning (stage `filter`).")
     student: Student | None = Field(None, description="Fine-tuning (stage `train`).")
+    onpolicy: OnPolicy | None = Field(
+        None, description="On-policy distillation of the trained student (stage `onpolicy`, after `train`)."
+    )
     eval: Eval | None = Field(None, description="Scoring (stage `eval`).")
     hub: Hub | None = Field(None, description="Publishing (stage `push`).")
 

@@ -123,7 +123,7 @@ def _check_prompts(
     an error before any sample is drawn (its answers would be cut and counted wrong); for a reference model, a
     warning. Returns what the results record of it."""
     from distill import lengths
-    from teacher.prompts import generation_prompt, messages
+    from distill.prompts import generation_prompt, messages
 
     tokenizer = llm.get_tokenizer()
     max_model_len = llm.llm_engine.model_config.max_model_len

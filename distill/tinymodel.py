@@ -61,8 +61,10 @@ def build_tiny_model(
     corpus: list[str] | None = None,
     seed: int = 0,
     max_position_embeddings: int = 2048,
+    vocab_rows: int | None = None,
 ) -> Path:
-    """Write `config.json`, fp32 safetensors weights, tokenizer files and `generation_config.json` to `out`."""
+    """Write `config.json`, fp32 safetensors weights, tokenizer files and `generation_config.json` to `out`.
+    `vocab_rows` pads the embedding rows past the tokenizer, as Qwen2.5-7B and up pad theirs to 152064."""
     if hidden_size % heads or hidden_size // heads < 32:
         raise DistillError(
             f"--hidden-size {hidden_size} / --heads {heads}: head_dim must be an integer >= 32 "
@@ -78,7 +80,7 @@ def build_tiny_model(
     eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     config = AutoConfig.for_model(
         arch,
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_rows or len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=hidden_size * 4,
         num_hidden_layers=layers,

@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -125,6 +126,17 @@ def resolve_checkpointing(launcher: Launcher, *, sft: dict[str, Any], default: b
     asked = "student.sft.gradient_checkpointing" if in_sft else f"{launcher.name}'s fsdp_activation_checkpointing"
     note = f"activation checkpointing ({asked}) runs as FSDP's fsdp_activation_checkpointing"
     return dataclasses.replace(launcher, settings=settings), note
+
+
+def scratch_dir(work_dir: Path, *, name: str) -> Path:
+    """A fresh, empty scratch folder for this node. Node 0 keeps it inside the work dir (deleted before the swap);
+    other nodes of a multi-node run use a sibling folder, so on a shared filesystem no node deletes a plan that
+    another node's processes still read."""
+    rank = machine_rank()
+    scratch = work_dir / name if rank == 0 else work_dir.with_name(f"{work_dir.name}{name}-node{rank}")
+    if scratch.exists():
+        shutil.rmtree(scratch)
+    return scratch
 
 
 def machine_rank(env: Mapping[str, str] = os.environ) -> int:

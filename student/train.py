@@ -26,18 +26,17 @@ from typing import Any
 
 import yaml
 
-from distill import devices, files, lengths
+from distill import files, lengths
 from distill.errors import DataError, DistillError, RecipeError
 from distill.pipeline import StageContext, StageReport
 from distill.schema import Recipe, Student
-from student import launch, outputs, preflight, rows, template
+from student import arguments, launch, outputs, preflight, rows, template
 from student.checkpoints import checkpoint_target
 from student.merge import MODEL_CONFIG, merge_adapter
 from student.trainer import PLAN, RESULT, Plan, train
 
 log = logging.getLogger(__name__)
 KEPT, CHECKPOINTS, ADAPTER, SCRATCH, LAUNCHER = "kept.jsonl", "checkpoints", "adapter", ".prep", "accelerate.yaml"
-CPU_DEFAULTS = {"use_cpu": True, "bf16": False, "gradient_checkpointing": False}  # bf16 + checkpointing: ~4x slower
 
 
 def run(recipe: Recipe, *, ctx: StageContext) -> StageReport:
@@ -189,75 +188,36 @@ def _sft_arguments(
 ) -> tuple[dict[str, Any], launch.Launcher | None]:
     """The `trl.SFTConfig` keyword arguments: the recipe's, plus what distill decides (each logged), and the
     launcher config as this run must use it."""
-    sft = dict(student.sft)
-    if "chat_template_path" in sft:
+    from trl import SFTConfig
+
+    if "chat_template_path" in student.sft:
         raise RecipeError(
             "student.sft.chat_template_path: set student.chat_template instead (distill checks it has "
             "generation markers and derives the stop token from it)"
         )
-    sft["output_dir"] = str(work_dir / CHECKPOINTS)
-    sft.setdefault("disable_tqdm", not progress)
-    if not on_gpu:
-        if sft.get("use_cpu") is not True:
-            devices.refuse_cpu_fallback(
-                what="stage train",
-                launcher=launcher.gpu_only if launcher else None,
-                escape="set student.sft.use_cpu: true",
-            )
-        applied = {key: value for key, value in CPU_DEFAULTS.items() if key not in sft}
-        sft.update(applied)
-        log.info("no CUDA device: training on CPU with %s (set them in student.sft to override)", applied)
-    elif student.peft is not None:
-        # TRL loads a model named by path in fp32 unless told otherwise: a frozen 7B base would take ~30 GB per GPU
-        # before activations. LoRA/QLoRA never update it, so it is loaded in the training precision.
-        init = dict(sft.get("model_init_kwargs") or {})
-        if "dtype" not in init:
-            init["dtype"] = "float16" if sft.get("fp16") else "bfloat16"
-            sft["model_init_kwargs"] = init
-            log.info(
-                "%s: the frozen base is loaded in %s (set student.sft.model_init_kwargs.dtype to override)",
-                _mode(student),
-                init["dtype"],
-            )
-    if launcher is not None:
-        launcher, note = launch.resolve_checkpointing(
-            launcher, sft=sft, default=_sft_default("gradient_checkpointing")
-        )
-        if note:
-            log.info("student.accelerate %s: %s; student.sft.gradient_checkpointing is off", launcher.name, note)
-    return sft, launcher
-
-
-def _sft_default(name: str) -> Any:
-    """`trl.SFTConfig`'s own default for `name` (TRL turns some TrainingArguments defaults around)."""
-    from trl import SFTConfig
-
-    return next(f.default for f in dataclasses.fields(SFTConfig) if f.name == name)
+    return arguments.resolve(
+        student.sft,
+        stage="train",
+        where="student.sft",
+        config_class=SFTConfig,
+        output_dir=work_dir / CHECKPOINTS,
+        on_gpu=on_gpu,
+        progress=progress,
+        peft=student.peft,
+        launcher=launcher,
+    )
 
 
 def _validated(sft: dict[str, Any]) -> Any:
-    """Build the SFTConfig once here, so a bad combination fails now and not on N launched processes."""
     from trl import SFTConfig
 
-    try:
-        return SFTConfig(**sft)
-    except (TypeError, ValueError) as exc:
-        raise RecipeError(f"student.sft: trl.SFTConfig rejected it: {exc}") from None
-
-
-def _scratch(work_dir: Path) -> Path:
-    """Node 0 keeps its scratch inside the work dir (deleted before the swap); other nodes of a multi-node run use
-    a sibling folder, so on a shared filesystem no node deletes a plan that another node's processes still read."""
-    rank = launch.machine_rank()
-    return work_dir / SCRATCH if rank == 0 else work_dir.with_name(f"{work_dir.name}{SCRATCH}-node{rank}")
+    return arguments.validated(sft, where="student.sft", config_class=SFTConfig)
 
 
 def _write_plan(
     student: Student, setup: Setup, fitted: rows.Rows, *, work_dir: Path, push_checkpoints: dict[str, Any] | None
 ) -> Plan:
-    scratch = _scratch(work_dir)
-    if scratch.exists():
-        shutil.rmtree(scratch)
+    scratch = launch.scratch_dir(work_dir, name=SCRATCH)
     data, template_file = scratch / "train.jsonl", scratch / "chat_template.jinja"
     files.write_jsonl(data, ({"messages": messages} for messages in fitted.conversations))
     files.write_text(template_file, setup.template.text)
@@ -268,7 +228,7 @@ def _write_plan(
         model=student.model,
         data=str(data),
         template=str(template_file),
-        sft=setup.sft,
+        args=setup.sft,
         peft=student.peft,
         quantization=student.quantization,
         save_dir=str(work_dir / ADAPTER if merged else work_dir),
@@ -323,7 +283,7 @@ def _finish(student: Student, setup: Setup, fitted: rows.Rows, *, plan: Plan, wo
         "world_size": result["world_size"],
         "resumed_from": result["resumed_from"],
         "pushed_checkpoints": result["pushed_checkpoints"],  # hub.push_checkpoints: sent and failed uploads
-        "processes": _processes(plan.report_dir),
+        "processes": process_summary(plan.report_dir),
         "loss_first": points[0][1] if points else None,
         "loss_last": points[-1][1] if points else None,
         "log_history": result["log_history"],
@@ -334,7 +294,7 @@ def _finish(student: Student, setup: Setup, fitted: rows.Rows, *, plan: Plan, wo
     return metrics
 
 
-def _processes(report_dir: Path) -> dict[str, Any] | None:
+def process_summary(report_dir: Path) -> dict[str, Any] | None:
     """Summary of the per-rank reports of a multi-process run: who saved, and whether the shards overlap."""
     reports = [json.loads(p.read_text(encoding="utf-8")) for p in report_dir.glob("rank-*.json")]
     if not reports:

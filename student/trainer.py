@@ -1,5 +1,6 @@
-"""Build and run TRL's `SFTTrainer` from a plan file. Runs in the stage's own process, or on every process that
-`accelerate launch` starts (`student.launch`), so everything it needs is in the plan, on disk.
+"""Build and run TRL's `SFTTrainer` (stage `train`) or `DistillationTrainer` (stage `onpolicy`) from a plan file.
+Runs in the stage's own process, or on every process that `accelerate launch` starts (`student.launch`), so
+everything it needs is in the plan, on disk.
 
 Resume: checkpoints live in `sft.output_dir` inside the stage's work directory, which the runner keeps across a
 killed run, so a rerun continues from the newest complete checkpoint (one whose trainer_state.json is readable;
@@ -31,9 +32,9 @@ class Plan:
     """Everything a training process needs. Written by the stage, read by each process."""
 
     model: str
-    data: str  # JSONL of {"messages": [...]} rows, already length-checked
+    data: str  # JSONL of {"messages": [...]} rows (sft, already length-checked) or {"prompt": text} (distillation)
     template: str  # chat template file (with generation markers) set on the tokenizer
-    sft: dict[str, Any]  # resolved `trl.SFTConfig` keyword arguments, output_dir included
+    args: dict[str, Any]  # resolved `trl.SFTConfig` / `trl.DistillationConfig` keyword arguments, output_dir included
     peft: dict[str, Any] | None  # `peft.LoraConfig` keyword arguments; None = full fine-tuning
     quantization: str | None
     save_dir: str  # where the trained model (or adapter) and tokenizer go
@@ -44,6 +45,9 @@ class Plan:
     reports: str | None = None
     # processes the launch must start in all (NNODES x NPROC_PER_NODE); None when training runs in the stage itself
     world_size: int | None = None
+    trainer: str = "sft"  # "sft": SFTTrainer; "distillation": DistillationTrainer, on the student's own samples
+    # distillation: {"model": path, "vocab_size": rows to keep} for a teacher beside the student, or {"server": url}
+    teacher: dict[str, Any] | None = None
 
     @property
     def report_dir(self) -> Path:
@@ -58,27 +62,62 @@ class Plan:
 
 
 def build_trainer(plan: Plan) -> Any:
-    """The SFTTrainer for `plan`: the same call a bare TRL script makes, with our tokenizer template and data."""
+    """The trainer for `plan`: the same call a bare TRL script makes, with our tokenizer template and data."""
     from peft import LoraConfig
     from transformers import AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
 
     from datasets import Dataset
 
     tokenizer = AutoTokenizer.from_pretrained(plan.model)
     tokenizer.chat_template = Path(plan.template).read_text(encoding="utf-8")
-    dataset = Dataset.from_list(list(files.read_jsonl(plan.data)))
-    lora = LoraConfig(**{"task_type": "CAUSAL_LM", **plan.peft}) if plan.peft is not None else None
-    callbacks = [PushCheckpoints(**plan.push_checkpoints)] if plan.push_checkpoints else None
-    return SFTTrainer(
+    common = {
+        "train_dataset": Dataset.from_list(list(files.read_jsonl(plan.data))),
+        "processing_class": tokenizer,
+        "peft_config": LoraConfig(**{"task_type": "CAUSAL_LM", **plan.peft}) if plan.peft is not None else None,
+        "quantization_config": quantization_config(plan.quantization, sft=plan.args),
+        "callbacks": [PushCheckpoints(**plan.push_checkpoints)] if plan.push_checkpoints else None,
+    }
+    if plan.trainer == "distillation":
+        return _distillation_trainer(plan, tokenizer=tokenizer, **common)
+    from trl import SFTConfig, SFTTrainer
+
+    return SFTTrainer(model=plan.model, args=SFTConfig(**plan.args), **common)
+
+
+def _distillation_trainer(plan: Plan, *, tokenizer: Any, **common: Any) -> Any:
+    """TRL's on-policy distillation: the student samples completions of the prompts, the teacher scores every token
+    (in this process, or behind a vLLM server), the student lowers the divergence (`beta` 1.0: reverse KL)."""
+    tokenizer.padding_side = "left"  # generation continues the prompts: pad on their left
+    teacher = plan.teacher or {}
+    if "server" in teacher:
+        from trl.experimental.server_distillation import ServerDistillationConfig, ServerDistillationTrainer
+
+        # plan.args carries teacher_model_server_url
+        return ServerDistillationTrainer(model=plan.model, args=ServerDistillationConfig(**plan.args), **common)
+    from trl import DistillationConfig, DistillationTrainer
+
+    return DistillationTrainer(
         model=plan.model,
-        args=SFTConfig(**plan.sft),
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=lora,
-        quantization_config=quantization_config(plan.quantization, sft=plan.sft),
-        callbacks=callbacks,
+        teacher_model=_teacher(teacher, args=plan.args),
+        args=DistillationConfig(**plan.args),
+        **common,
     )
+
+
+def _teacher(teacher: dict[str, Any], *, args: dict[str, Any]) -> Any:
+    """The teacher model, its output rows cut to the student's vocabulary size when the two differ only by padding
+    rows past the shared tokenizer (Qwen2.5 <= 3B have 151936 rows, 7B and up 152064): TRL compares `vocab_size`,
+    and rows no token id reaches carry no probability worth keeping. `distill.vocab` decides it is only padding."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    init = dict(args.get("teacher_model_init_kwargs") or {})
+    dtype = init.pop("dtype", "float32" if args.get("use_cpu") else "bfloat16")
+    model = AutoModelForCausalLM.from_pretrained(teacher["model"], dtype=getattr(torch, dtype), **init)
+    rows = teacher.get("vocab_size")
+    if rows is not None and rows != model.config.get_text_config().vocab_size:
+        model.resize_token_embeddings(rows, mean_resizing=False)
+    return model
 
 
 def quantization_config(quantization: str | None, *, sft: dict[str, Any]) -> Any:
@@ -164,7 +203,7 @@ def agree_on_resume(accelerator: Any, plan: Plan) -> Path | None:
     node reads it back from its own view of that directory, so a node whose runs/ is not node 0's fails here, with
     every rank, instead of resuming differently and hanging. A fresh file name means no node has a cached "no such
     file" for it (NFS caches negative lookups)."""
-    output_dir = Path(plan.sft["output_dir"])
+    output_dir = Path(plan.args["output_dir"])
     if accelerator.num_processes == 1:
         return last_checkpoint(output_dir)
     from accelerate.utils import broadcast_object_list, gather_object

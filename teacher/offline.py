@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from distill.errors import DistillError
+from distill.prompts import Prompts, generation_prompt, messages
 from distill.records import Problem, Trace
 from distill.schema import Teacher
-from teacher.prompts import Prompts, generation_prompt, messages
 from teacher.traces import GenerationStats, OnDone, make_trace
 
 log = logging.getLogger(__name__)

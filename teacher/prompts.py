@@ -13,48 +13,7 @@ and reasoning whose `<think>` was put in the prompt by the server's chat templat
 
 from __future__ import annotations
 
-import string
-from typing import Any
-
-from distill.prompts import Prompts, template_for
-from distill.records import THINK_CLOSE, THINK_OPEN, Problem
-from distill.schema import Teacher
-
-
-def problem_text(problem: Problem) -> str:
-    """The problem as shown to the teacher: multiple-choice options are listed under it as `A) …`."""
-    if problem.kind != "choice" or not problem.choices:
-        return problem.problem
-    options = "\n".join(f"{string.ascii_uppercase[i]}) {option}" for i, option in enumerate(problem.choices))
-    return f"{problem.problem}\n\n{options}"
-
-
-def messages(problem: Problem, *, teacher: Teacher, prompts: Prompts | None = None) -> list[dict[str, str]]:
-    """The chat messages of one problem: an optional system message, then the filled user prompt."""
-    chat = [{"role": "system", "content": teacher.system_prompt}] if teacher.system_prompt else []
-    template = template_for(problem, teacher=teacher, prompts=prompts)
-    return [*chat, {"role": "user", "content": template.format(problem=problem_text(problem))}]
-
-
-def with_think_prefix(rendered: str, think_prefix: str) -> str:
-    """`rendered` (a chat template's output up to the open assistant turn) followed by `think_prefix`, unless the
-    template wrote it already: DeepSeek-R1's and R1-Distill's templates end their generation prompt with `<think>\\n`
-    themselves, and a second one would prompt the model with `<think>\\n<think>\\n`. A template that wrote the
-    prefix without its trailing whitespace (`<think>` for `<think>\\n`) gets only that whitespace."""
-    head = think_prefix.rstrip()
-    if head and rendered.rstrip().endswith(head):
-        # The template's text after the tag: all or part of the prefix's whitespace (add the rest), or other.
-        written = rendered[rendered.rstrip().rindex(head) + len(head) :]
-        tail = think_prefix[len(head) :]
-        return rendered + tail[len(written) :] if tail.startswith(written) else rendered
-    return rendered + think_prefix
-
-
-def generation_prompt(tokenizer: Any, chat: list[dict[str, str]], *, think_prefix: str) -> str:
-    """The text a local model continues: `chat` through the tokenizer's chat template with its generation prompt,
-    then `think_prefix` once (see `with_think_prefix`)."""
-    rendered = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-    return with_think_prefix(rendered, think_prefix)
+from distill.records import THINK_CLOSE, THINK_OPEN
 
 
 def normalise_completion(content: str, *, reasoning: str | None, think_prefix: str, cut_short: bool = False) -> str:

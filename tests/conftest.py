@@ -5,7 +5,13 @@ Everything runs offline on CPU with the real libraries; nothing here mocks vLLM,
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -81,3 +87,33 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytes
     monkeypatch.setenv("DISTILL_CACHE", str(cache / "distill"))
     monkeypatch.setenv("VLLM_CACHE_ROOT", str(cache / "vllm"))
     monkeypatch.setenv("HF_DATASETS_CACHE", str(cache / "datasets"))
+
+
+@contextlib.contextmanager
+def serve_vllm(model: Path, scratch: Path, *extra: str) -> Iterator[str]:
+    """The real `vllm.entrypoints.openai.api_server` serving `model` on loopback; yields its base URL (no /v1)."""
+    from student.launch import free_port  # the one free-port helper (the stage's launcher picks ports with it)
+
+    port = free_port()
+    log = scratch / "server.log"
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager"]
+    command += ["--max-model-len", "512", "--kv-cache-memory-bytes", "268435456", *extra]
+    env = {**os.environ, "VLLM_CACHE_ROOT": str(scratch / "vllm-cache")}
+    with log.open("w") as out:
+        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"vLLM server did not start:\n{log.read_text()[-3000:]}")
+            try:
+                urllib.request.urlopen(f"{url}/v1/models", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=60)

@@ -103,7 +103,7 @@ def plan_for(
         model=str(model),
         data=str(tmp / "train.jsonl"),
         template=str(tmp / "template.jinja"),
-        sft={**CPU, "output_dir": str(tmp / "ckpt"), "eos_token": chat.end_of_turn, **sft},
+        args={**CPU, "output_dir": str(tmp / "ckpt"), "eos_token": chat.end_of_turn, **sft},
         peft=peft,
         quantization=quantization,
         save_dir=str(tmp / "out"),

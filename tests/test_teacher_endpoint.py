@@ -5,18 +5,14 @@ connection, a stream cut or gone silent half-way, a finish reason worth a retry,
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
-import time
-import urllib.request
 from collections.abc import Iterator
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+from conftest import serve_vllm
 from distill import files, pipeline
 from distill.errors import DistillError
 from distill.schema import R1_PROMPT, Recipe
@@ -233,45 +229,9 @@ def test_missing_key_variable_is_named(problems: Path, tmp_path: Path, monkeypat
 @pytest.fixture(scope="module")
 def vllm_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The real `vllm.entrypoints.openai.api_server` serving the tiny model on loopback (one per module)."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    command = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(tiny_model),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--dtype",
-        "float32",
-        "--enforce-eager",
-        "--max-model-len",
-        "512",
-        "--kv-cache-memory-bytes",
-        "268435456",
-        "--trust-request-chat-template",  # lets a test send an R1-style template through `endpoint.extra_body`
-    ]
-    env = {**os.environ, "VLLM_CACHE_ROOT": str(log.parent / "vllm-cache")}
-    with log.open("w") as out:
-        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"vLLM server did not start:\n{log.read_text()[-3000:]}")
-            try:
-                urllib.request.urlopen(f"{url}/models", timeout=2)
-                break
-            except OSError:
-                time.sleep(0.5)
-        yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
+    # --trust-request-chat-template lets a test send an R1-style template through `endpoint.extra_body`
+    with serve_vllm(tiny_model, tmp_path_factory.mktemp("server"), "--trust-request-chat-template") as url:
+        yield f"{url}/v1"
 
 
 @pytest.mark.slow

@@ -12,10 +12,10 @@ import yaml
 from conftest import TINY_ENGINE
 from distill import files, pipeline
 from distill.data import DataSource, load_problems
+from distill.prompts import generation_prompt
 from distill.recipe import load_recipe
 from distill.records import Problem, problem_id
 from distill.schema import R1_PROMPT, Teacher
-from teacher.prompts import generation_prompt
 from teacher.shards import shard_of
 from teacher.traces import GenerationStats
 from teacher_templates import r1_copy

@@ -11,12 +11,12 @@ import pytest
 
 from distill import files, pipeline
 from distill.errors import DataError, DistillError, RecipeError
-from distill.prompts import check_template
+from distill.prompts import check_template, messages, with_think_prefix
 from distill.records import Problem, Trace, problem_id, split_reasoning
 from distill.schema import Recipe, Teacher
 from teacher.generate import input_hash
 from teacher.progress import ProgressBar
-from teacher.prompts import messages, normalise_completion, with_think_prefix
+from teacher.prompts import normalise_completion
 from teacher.shards import ShardStore, shard_of
 from teacher.traces import GenerationStats, make_trace
 
