@@ -12,7 +12,8 @@ import pytest
 
 from distill.data import last_boxed
 from distill.demo.ablation import UNFILTERED, answers_only, variants
-from distill.demo.report import ROWS
+from distill.demo.budget import CONTINUED
+from distill.demo.report import BUDGET_ROWS, ROWS
 from distill.demo.task import Addition, sample_problems
 from distill.recipe import load_recipe
 from distill.records import split_reasoning
@@ -62,15 +63,49 @@ def test_answers_only_keeps_prompt_and_answer_and_drops_the_reasoning() -> None:
 def test_variants_change_only_what_their_row_is_about() -> None:
     recipe = load_recipe(DEMO)
     derived = variants(recipe)
-    assert {v.name for v in derived.values()} == {"demo-answers", "demo-unfiltered", "demo-teacher"}
-    for variant in derived.values():
-        assert variant.data == recipe.data and variant.teacher == recipe.teacher and variant.student == recipe.student
+    assert {v.name for v in derived.values()} == {
+        "demo-answers",
+        "demo-unfiltered",
+        "demo-teacher",
+        "demo-few",
+        "demo-more",
+    }
+    for key, variant in derived.items():
+        assert variant.data == recipe.data and variant.teacher == recipe.teacher
+        assert variant.student == recipe.student or key == "more"
         assert variant.hub is None and variant.eval.benchmarks == recipe.eval.benchmarks
         assert variant.eval.sampling == recipe.eval.sampling and not variant.eval.compare_base
     assert derived["answers"].filter == recipe.filter
     unfiltered = derived["unfiltered"].filter.model_dump()
     assert unfiltered == {**recipe.filter.model_dump(), **UNFILTERED}
     assert derived["teacher"].eval.model == recipe.teacher.model
+    assert derived["few"].filter == derived["more"].filter == recipe.filter and derived["more"].onpolicy is None
+    few = derived["few"]
+    assert few.eval.compare_sft and few.onpolicy.config["max_steps"] == recipe.student.sft["max_steps"] // 8
+    assert few.onpolicy.teacher is None and few.onpolicy.prompts == [], "the recipe's teacher, every problem"
+    more = derived["more"].student
+    assert more.model == "runs/demo-few/train", "continues the few student"
+    assert more.sft == {**recipe.student.sft, **CONTINUED, "max_steps": few.onpolicy.config["max_steps"]}
+    assert CONTINUED["learning_rate"] == few.onpolicy.config["learning_rate"]
+
+
+def test_budget_gives_the_sft_row_the_teacher_tokens_of_the_on_policy_row(tmp_path: Path) -> None:
+    """`more` gets the first problems whose generated tokens cover `few`'s plus the expected scored tokens."""
+    from distill import files
+    from distill.demo import budget
+
+    traces = [{"id": f"p{i}", "sample": s, "completion_tokens": 100 + i} for i in range(40) for s in (0, 1)]
+    files.write_jsonl(tmp_path / "shard-0-of-1.jsonl", traces)
+    kept = [{"id": f"p{i}", "completion_tokens": 100} for i in range(40)]  # one kept trace per problem
+    spend = budget.plan(tmp_path, kept, steps=2)
+    assert spend.few == ["p0", "p1", "p2", "p3"], "a tenth of the 40 kept traces"
+    assert spend.expected_scored == 2 * 8 * 100
+    assert spend.tokens(spend.few) == sum(2 * (100 + i) for i in range(4))
+    before_last = spend.tokens(spend.more[:-1])
+    assert before_last < spend.tokens(spend.few) + spend.expected_scored <= spend.tokens(spend.more)
+    mean, low, high = budget.interval([0.0, 1.0, 1.0, 1.0])
+    assert mean == 0.75 and low < mean < high
+    assert budget.paired({"a": 1.0, "b": 0.5}, {"a": 0.5, "b": 0.5, "c": 1.0})[0] == 0.25, "shared problems only"
 
 
 @pytest.mark.slow
@@ -109,13 +144,16 @@ def test_demo_shrunk_end_to_end(tmp_path: Path) -> None:
         "demo-answers": ("generate", "filter", "train", "eval"),
         "demo-unfiltered": ("generate", "filter", "train", "eval"),
         "demo-teacher": ("eval",),
+        "demo-few": ("generate", "filter", "train", "onpolicy", "eval"),
+        "demo-more": ("generate", "filter", "train", "eval"),
     }
     for run, stages in expected.items():
         for stage in stages:
             assert (runs / run / stage / "manifest.json").is_file(), f"{run}/{stage} did not finish"
     assert (runs / "demo" / "report.md").read_text(encoding="utf-8") == report.rstrip("\n") + "\n"
-    for _, label in ROWS:
+    for _, label in (*ROWS, *BUDGET_ROWS):
         assert f"| {label} |" in report
+    assert "on-policy minus SFT at the same teacher tokens" in report
     assert (runs / "demo" / "accuracy.png").stat().st_size > 0
     unfiltered = json.loads((runs / "demo-unfiltered" / "filter" / "funnel.json").read_text())
     assert unfiltered["out"] == unfiltered["in"] == 24  # nothing filtered: every trace trains

@@ -7,6 +7,13 @@
 | SFT on all traces         | `<name>-unfiltered.yaml`            | `filter`: no verification, no format checks       |
 | SFT on filtered traces    | (the recipe as written)             |                                                   |
 | teacher                   | `<name>-teacher.yaml`               | `eval.model`: the teacher (eval stage only)       |
+| SFT on few traces         | `<name>-few.yaml`                   | train rows: the kept traces of the first problems |
+| few, then on-policy       | `<name>-few.yaml`                   | + `onpolicy` (`distill.demo.budget.ONPOLICY`)     |
+| SFT at the same budget    | `<name>-more.yaml`                  | the few student, SFT-continued as many steps on   |
+|                           |                                     | the first K problems' kept traces                 |
+
+The last three rows compare the teacher's budget (`distill.demo.budget`): `eval.compare_sft` scores the `few`
+student before and after its on-policy steps.
 
 Every trained row uses the same `student` and `eval` sections, on the same held-out problems. The variants share the
 distill run's teacher traces: its finished `generate` stage is copied into their run directories, and the runner
@@ -29,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from distill import files, pipeline
+from distill.demo import budget
 from distill.errors import DistillError
 from distill.manifest import Manifest, read_manifest, write_manifest
 from distill.recipe import dump_recipe
@@ -49,12 +57,14 @@ UNFILTERED = {  # every filter step that can be switched off is
 }
 
 
-def variants(recipe: Recipe) -> dict[str, Recipe]:
+def variants(recipe: Recipe, *, runs_dir: Path = Path("runs")) -> dict[str, Recipe]:
     """The derived recipes, by row key. Only the keys named in the module table change."""
     if recipe.eval is None or recipe.student is None or recipe.teacher is None:
         raise DistillError(f"demo: recipe {recipe.name} needs teacher, student and eval sections")
     base = recipe.model_dump(mode="json")
     scored = {**base["eval"], "compare_base": False}
+    steps = budget.onpolicy_steps(int(recipe.student.sft.get("max_steps") or 1))
+    onpolicy = {"config": {**budget.ONPOLICY, "max_steps": steps}}
     return {
         "answers": _derive(base, name=f"{recipe.name}-answers", hub=None, eval=scored),
         "unfiltered": _derive(
@@ -63,13 +73,27 @@ def variants(recipe: Recipe) -> dict[str, Recipe]:
         "teacher": _derive(
             base, name=f"{recipe.name}-teacher", hub=None, eval={**scored, "model": recipe.teacher.model}
         ),
+        "few": _derive(
+            base, name=f"{recipe.name}-few", hub=None, eval={**scored, "compare_sft": True}, onpolicy=onpolicy
+        ),
+        "more": _derive(  # the `few` student, SFT-continued as long as the on-policy row, at its learning rate
+            base,
+            name=f"{recipe.name}-more",
+            hub=None,
+            eval=scored,
+            student={
+                **base["student"],
+                "model": str(runs_dir / f"{recipe.name}-few" / "train"),
+                "sft": {**base["student"]["sft"], **budget.CONTINUED, "max_steps": steps},
+            },
+        ),
     }
 
 
 def start(recipe: Recipe, *, runs_dir: Path) -> tuple[dict[str, Recipe], list[subprocess.Popen]]:
     """Write the variant recipes, give them the distill run's traces, and start their runs in the background.
     Needs the distill run's generate and filter stages finished. Returns the variants and their processes."""
-    derived = variants(recipe)
+    derived = variants(recipe, runs_dir=runs_dir)
     main_dir = runs_dir / recipe.name
     folder = main_dir / "ablation"
     paths = {}
@@ -78,15 +102,46 @@ def start(recipe: Recipe, *, runs_dir: Path) -> tuple[dict[str, Recipe], list[su
         files.write_text(
             paths[key], f"# derived by `distill demo` from {recipe.name}: the {key} row\n" + dump_recipe(variant)
         )
-    for key in ("answers", "unfiltered"):
+    for key in ("answers", "unfiltered", "few", "more"):
         seed_stage(main_dir / "generate", runs_dir / derived[key].name / "generate")
-    write_answers_only(derived["answers"], source=main_dir / "filter", runs_dir=runs_dir)
+    source = main_dir / "filter"
+    kept = list(files.read_jsonl(source / "kept.jsonl"))
+    write_derived_filter(
+        derived["answers"],
+        source=source,
+        runs_dir=runs_dir,
+        transform="answers_only",
+        rows=[answers_only(row) for row in kept],
+    )
+    steps = derived["few"].onpolicy.config["max_steps"]
+    spend = budget.plan(main_dir / "generate", kept, steps=steps)
+    for key, ids in (("few", spend.few), ("more", spend.more)):
+        chosen = set(ids)
+        write_derived_filter(
+            derived[key],
+            source=source,
+            runs_dir=runs_dir,
+            transform=f"first_{len(ids)}_problems",
+            rows=[row for row in kept if row["id"] in chosen],
+            extra={
+                "problems": len(ids),
+                "teacher_generated_tokens": spend.tokens(ids),
+                "expected_scored_tokens": spend.expected_scored,
+            },
+        )
     common = ["--runs-dir", str(runs_dir), "--no-progress"]
     cli = [sys.executable, "-m", "distill.cli"]
     # `--dry-run` is part of every stage's fingerprint: the copied generate stage was made with it, so the runs
     # that reuse it must say it too (they have no `hub` section, so it changes nothing else).
-    jobs = {  # one job per core; the answers run is followed by the teacher's evaluation
+    jobs = {  # the answers run is followed by the teacher's evaluation
         derived["unfiltered"].name: [[*cli, "run", str(paths["unfiltered"]), "--dry-run", *common]],
+        derived["few"].name: [  # `more` continues the `few` student: once it is trained, both go on side by side
+            [*cli, "train", str(paths["few"]), *common],  # --dry-run is push's only (no other fingerprint)
+            [
+                [*cli, "run", str(paths["more"]), "--dry-run", *common],
+                [*cli, "run", str(paths["few"]), "--dry-run", *common],
+            ],
+        ],
         derived["answers"].name: [
             [*cli, "run", str(paths["answers"]), "--dry-run", *common],
             [*cli, "eval", str(paths["teacher"]), *common],
@@ -95,13 +150,21 @@ def start(recipe: Recipe, *, runs_dir: Path) -> tuple[dict[str, Recipe], list[su
     processes = []
     for name, job in jobs.items():
         log_path = folder / f"{name}.log"
-        script = " && ".join(subprocess.list2cmdline(command) for command in job)
+        script = " && ".join(_shell(command) for command in job)
         log.info("demo: started %s (log: %s)", script, log_path)
         with log_path.open("w", encoding="utf-8") as handle:
             processes.append(
                 subprocess.Popen(script, shell=True, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
             )
     return derived, processes
+
+
+def _shell(command: list[Any]) -> str:
+    """One command, or a list of commands run side by side that succeeds only when every one of them does."""
+    if not command or isinstance(command[0], str):
+        return subprocess.list2cmdline(command)
+    started = " ".join(f"{subprocess.list2cmdline(c)} & p{i}=$!;" for i, c in enumerate(command))
+    return "{ " + started + " " + " && ".join(f"wait $p{i}" for i in range(len(command))) + "; }"
 
 
 def wait(processes: list[subprocess.Popen]) -> None:
@@ -140,10 +203,18 @@ def answers_only(row: dict[str, Any]) -> dict[str, Any]:
     return {**row, "reasoning": "", "messages": [*row["messages"][:-1], answer]}
 
 
-def write_answers_only(recipe: Recipe, *, source: Path, runs_dir: Path) -> Manifest:
-    """The answers-only run's filter stage: the distill run's kept traces (verified correct) with the reasoning
-    removed, so the only difference from the distill student is the chain of thought. It gets a manifest like any
-    stage (recorded as derived from `source`), so the train stage reads it through the runner."""
+def write_derived_filter(
+    recipe: Recipe,
+    *,
+    source: Path,
+    runs_dir: Path,
+    transform: str,
+    rows: list[dict[str, Any]],
+    extra: dict[str, Any] | None = None,
+) -> Manifest:
+    """A variant's filter stage made from the distill run's kept traces (`rows`: a subset, or the same rows
+    transformed), so the only difference from the distill student is that one. It gets a manifest like any stage
+    (recorded as derived from `source`), so the variant's train stage reads it through the runner."""
     source_manifest = read_manifest(source)
     if source_manifest is None:
         raise DistillError(f"{source}: the distill run's filter stage has not finished")
@@ -152,15 +223,21 @@ def write_answers_only(recipe: Recipe, *, source: Path, runs_dir: Path) -> Manif
     sections = pipeline.section_hash(recipe, stage, options)
     inputs_hash, _ = pipeline.input_hash(recipe, stage, runs_dir / recipe.name, options)
     present = read_manifest(out)
-    if present and (present.section_hash, present.input_hash, present.extra.get("derived_from_output")) == (
-        sections,
-        inputs_hash,
-        source_manifest.output_hash,
+    key = (sections, inputs_hash, source_manifest.output_hash, transform)
+    if (
+        present
+        and (
+            present.section_hash,
+            present.input_hash,
+            present.extra.get("derived_from_output"),
+            present.extra.get("transform"),
+        )
+        == key
     ):
         return present
     work = out.with_name(f".{out.name}{files.TMP_MARK}{os.getpid()}")
     work.mkdir(parents=True)
-    n = files.write_jsonl(work / "kept.jsonl", (answers_only(row) for row in files.read_jsonl(source / "kept.jsonl")))
+    n = files.write_jsonl(work / "kept.jsonl", rows)
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     manifest = Manifest(
         stage="filter",
@@ -175,7 +252,8 @@ def write_answers_only(recipe: Recipe, *, source: Path, runs_dir: Path) -> Manif
         extra={
             "derived_from": str(source),
             "derived_from_output": source_manifest.output_hash,
-            "transform": "answers_only",
+            "transform": transform,
+            **(extra or {}),
         },
     )
     write_manifest(work, manifest)

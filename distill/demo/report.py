@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from distill import files
+from distill.demo import budget
 from distill.errors import DistillError
 from distill.filter.report import funnel_table
 from distill.manifest import read_manifest
@@ -22,16 +23,38 @@ ROWS = (  # (row key, label): the order the issue's table asks for
     ("unfiltered", "SFT on all teacher traces, unfiltered"),
     ("distill", "SFT on filtered traces (distill)"),
 )
+BUDGET_ROWS = (  # the on-policy comparison at an equal teacher budget (distill.demo.budget)
+    ("few_sft", "SFT on the kept traces of the first problems only"),
+    ("few", "the same student, then on-policy distillation"),
+    ("more", "the same student, then SFT on more problems' traces"),
+)
+# Where each row was scored: (run, label in its eval), the run given by variant key ("main": the distill run).
+SCORED = {
+    "untrained": ("main", "base"),
+    "distill": ("main", "student"),
+    "few_sft": ("few", "sft"),
+}
 
 
 def scores(recipe: Recipe, variants: dict[str, Recipe], *, runs_dir: Path) -> dict[str, dict[str, Any]]:
     """Overall held-out scores per row (and the teacher), from each run's eval `results.json`."""
-    main = _results(runs_dir / recipe.name)
-    out = {"untrained": main["base"], "distill": main["student"]}
-    for key, variant in variants.items():
-        results = _results(runs_dir / variant.name)
-        out[key] = results["student"]
-    return {key: {"model": r["model"], **r["overall"]} for key, r in out.items()}
+    out = {}
+    for key in (*(k for k, _ in ROWS), "teacher", *(k for k, _ in BUDGET_ROWS)):
+        run_dir, label = _scored(recipe, variants, key, runs_dir=runs_dir)
+        result = _results(run_dir)[label]
+        rates = budget.pass_rates(run_dir / "eval", label)
+        out[key] = {
+            "model": result["model"],
+            **result["overall"],
+            "rates": rates,
+            "interval": budget.interval(list(rates.values())),
+        }
+    return out
+
+
+def _scored(recipe: Recipe, variants: dict[str, Recipe], key: str, *, runs_dir: Path) -> tuple[Path, str]:
+    run, label = SCORED.get(key, (key, "student"))
+    return runs_dir / (recipe.name if run == "main" else variants[run].name), label
 
 
 def write_report(
@@ -57,6 +80,7 @@ def write_report(
         [
             *_headline(recipe, table, rows, prepared),
             *_teacher(table, funnel, recipe),
+            *_budget(recipe, variants, table, runs_dir=runs_dir),
             *_funnel(funnel),
             *_lengths(lengths),
             *_walltimes(recipe, variants, runs_dir=runs_dir, prepared=prepared, elapsed_s=elapsed_s),
@@ -83,6 +107,11 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
 
+def _span(row: dict[str, Any]) -> str:
+    _, low, high = row["interval"]
+    return f"{100 * low:.1f}–{100 * high:.1f}"
+
+
 def _headline(recipe: Recipe, table: dict[str, dict[str, Any]], rows: dict[str, Any], prepared: dict[str, Any]):
     k = next(iter(table.values()))["samples"]
     maj = f"maj@{k}"
@@ -93,12 +122,12 @@ def _headline(recipe: Recipe, table: dict[str, dict[str, Any]], rows: dict[str, 
         f"Held-out problems: {problems} (never seen by teacher or students), {k} samples each at temperature "
         f"{recipe.eval.sampling.get('temperature')}; accuracy = pass@1 (mean over samples), in %.",
         "",
-        f"| student | accuracy (pass@1) | {maj} | training rows |",
-        "|---|---:|---:|---:|",
+        f"| student | accuracy (pass@1) | 95% interval | {maj} | training rows |",
+        "|---|---:|---:|---:|---:|",
     ]
     for key, label in ROWS:
         lines.append(
-            f"| {label} | {_pct(table[key]['pass@1'])} | {_pct(table[key].get(maj))} | "
+            f"| {label} | {_pct(table[key]['pass@1'])} | {_span(table[key])} | {_pct(table[key].get(maj))} | "
             f"{rows.get(key) if rows.get(key) is not None else '–'} |"
         )
     others = max(table[key]["pass@1"] for key, _ in ROWS if key != "distill")
@@ -113,6 +142,9 @@ def _headline(recipe: Recipe, table: dict[str, dict[str, Any]], rows: dict[str, 
         verdict,
         "",
         "![held-out accuracy](accuracy.png)",
+        "",
+        "Intervals: 95% normal intervals over the held-out problems of each problem's pass rate (the mean over "
+        "its samples); the bars on the chart are these.",
         "",
     ]
     settings = prepared.get("settings", {})
@@ -136,6 +168,57 @@ def _teacher(table: dict[str, dict[str, Any]], funnel: dict[str, Any], recipe: R
             f"- its traces on the distillation problems (temperature "
             f"{recipe.teacher.sampling.get('temperature')}): {verify['kept']} of {verify['seen']} verified "
             f"correct ({_pct(share)}%)"
+        )
+    return [*lines, ""]
+
+
+def _budget(
+    recipe: Recipe, variants: dict[str, Recipe], table: dict[str, dict[str, Any]], *, runs_dir: Path
+) -> list[str]:
+    """The on-policy rows: teacher tokens generated and scored, seconds, and the paired differences."""
+    few, more = (runs_dir / variants[key].name for key in ("few", "more"))
+    spent = {key: read_manifest(run / "filter").extra for key, run in (("few", few), ("more", more))}
+    metrics = files.read_json(few / "onpolicy" / "metrics.json")
+    tokens = metrics["teacher_tokens"]
+    prompts = tokens["scored"] - (tokens["sampled_by_student"] or 0)
+    seconds = {key: read_manifest(run / "train").wall_s for key, run in (("few", few), ("more", more))}
+    onpolicy_s = read_manifest(few / "onpolicy").wall_s
+    rows = {
+        "few_sft": (spent["few"], 0, seconds["few"], "–"),
+        "few": (spent["few"], tokens["sampled_by_student"], seconds["few"] + onpolicy_s, metrics["global_step"]),
+        "more": (spent["more"], 0, seconds["few"] + seconds["more"], variants["more"].student.sft["max_steps"]),
+    }
+    lines = [
+        "## On-policy distillation at an equal teacher budget",
+        "",
+        "On-policy distillation is sold on cost: the teacher scores the student's own samples in one forward pass "
+        "instead of generating traces. So its row is compared with the same start given the same teacher tokens as "
+        "more traces, SFT-continued for as many steps at the same learning rate (`distill/demo/budget.py`). Teacher "
+        "tokens are completion tokens: generated for every sample of "
+        f"the problems used, kept or not; scored: the student's samples (the teacher also read {prompts:,} prompt "
+        "tokens of the on-policy row). Seconds are the train and onpolicy stages' own, the start's included.",
+        "",
+        "| student | problems | teacher tokens generated | scored | total | extra steps | pass@1 | 95% interval "
+        "| seconds |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key, label in BUDGET_ROWS:
+        spend, scored, wall, steps = rows[key]
+        generated = spend["teacher_generated_tokens"]
+        lines.append(
+            f"| {label} | {spend['problems']} | {generated:,} | {scored:,} | {generated + scored:,} | {steps} | "
+            f"{_pct(table[key]['pass@1'])} | {_span(table[key])} | {wall:.0f} |"
+        )
+    lines.append("")
+    for name, (a, b) in {
+        "on-policy minus its SFT start": ("few", "few_sft"),
+        "on-policy minus SFT at the same teacher tokens": ("few", "more"),
+    }.items():
+        mean, low, high = budget.paired(table[a]["rates"], table[b]["rates"])
+        verdict = "excludes zero" if low > 0 or high < 0 else "includes zero: no difference shown"
+        lines.append(
+            f"- {name}: {100 * mean:+.1f} points, 95% interval {100 * low:+.1f} to {100 * high:+.1f} "
+            f"(paired over problems; {verdict})"
         )
     return [*lines, ""]
 
@@ -192,7 +275,7 @@ def _walltimes(
         lines.append(f"| prepare | {name} | {seconds:.1f} |")
         total += seconds
     for run in (recipe, *variants.values()):
-        for stage in ("generate", "filter", "train", "eval", "push"):
+        for stage in ("generate", "filter", "train", "onpolicy", "eval", "push"):
             manifest = read_manifest(runs_dir / run.name / stage)
             if manifest is None or manifest.extra.get("transform") or (run is not recipe and stage == "generate"):
                 continue  # copies and derived sets took no stage time
@@ -208,12 +291,27 @@ def _accuracy_chart(table: dict[str, dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    keys = [key for key, _ in ROWS] + ["teacher"]
-    labels = ["untrained", "answers only", "unfiltered", "distill", "teacher"]
+    keys = [key for key, _ in ROWS] + ["teacher"] + [key for key, _ in BUDGET_ROWS]
+    labels = [
+        "untrained",
+        "answers\nonly",
+        "unfiltered",
+        "distill",
+        "teacher",
+        "few\ntraces",
+        "few +\non-policy",
+        "same\nbudget",
+    ]
     values = [100 * table[key]["pass@1"] for key in keys]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    bars = ax.bar(labels, values, color=["#999999", "#c98b3a", "#b5534b", "#4c8c4a", "#3b6ea5"])
-    ax.bar_label(bars, fmt="%.1f")
+    errors = [
+        [100 * (table[k]["pass@1"] - table[k]["interval"][1]) for k in keys],
+        [100 * (table[k]["interval"][2] - table[k]["pass@1"]) for k in keys],
+    ]
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    colors = ["#999999", "#c98b3a", "#b5534b", "#4c8c4a", "#3b6ea5", "#8a8a5c", "#7b5ea7", "#4c8c4a"]
+    bars = ax.bar(labels, values, color=colors, yerr=errors, capsize=3, ecolor="#333333")
+    ax.bar_label(bars, fmt="%.1f", padding=2)
+    ax.axvline(4.5, color="#cccccc", linewidth=1)  # the equal-budget comparison stands apart
     ax.set_ylabel("held-out pass@1 (%)")
     ax.set_ylim(0, 105)
     ax.set_title("held-out accuracy")
