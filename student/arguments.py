@@ -61,7 +61,8 @@ def resolve(
             launcher, sft=args, default=default(config_class, "gradient_checkpointing")
         )
         if note:
-            log.info("accelerate config %s: %s; %s.gradient_checkpointing is off", launcher.name, note, where)
+            section = where.rsplit(".", 1)[0]  # student / onpolicy: where the launcher is named
+            log.info("%s.accelerate %s: %s; %s.gradient_checkpointing is off", section, launcher.name, note, where)
     return args, launcher
 
 

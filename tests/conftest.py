@@ -76,7 +76,8 @@ def two_processes(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
-        pytest.fail(f"shared data not found at {SHARED_DATA}: tests expect the repo beside shared/")
+        # a user's clone has no ../shared: the tests on real data skip, saying why (CI clones beside it)
+        pytest.skip(f"real data not found at {SHARED_DATA} (the repository's sibling folder shared/data)")
     return SHARED_DATA
 
 

@@ -61,7 +61,7 @@ def test_student_fsdp_config_on_cpu_trains_as_ddp_and_says_it_did_not_shard(
     # use_cpu: an FSDP config promises GPUs; checkpointing asked the way every recipe asks becomes FSDP's own
     sft |= {"use_cpu": True, "gradient_checkpointing": True}
     recipe, runs = make_run(tmp_path, addition_rows(32), {"model": str(tiny_model), "sft": sft, "accelerate": "fsdp"})
-    with caplog.at_level("INFO", logger="student.train"):
+    with caplog.at_level("INFO", logger="student"):  # student.train and student.arguments
         report = run(recipe, ctx=context(runs, recipe, tmp_path / "work"))
     assert "runs as FSDP's fsdp_activation_checkpointing; student.sft.gradient_checkpointing is off" in caplog.text
     assert (
