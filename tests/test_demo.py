@@ -104,7 +104,8 @@ def test_budget_gives_the_sft_row_the_teacher_tokens_of_the_on_policy_row(tmp_pa
     before_last = spend.tokens(spend.more[:-1])
     assert before_last < spend.tokens(spend.few) + spend.expected_scored <= spend.tokens(spend.more)
     mean, low, high = budget.interval([0.0, 1.0, 1.0, 1.0])
-    assert mean == 0.75 and low < mean < high
+    assert mean == 0.75 and low < mean < high == 1.0, "a pass rate's interval stops at 100%"
+    assert budget.interval([0.0, 0.0, 0.0, 0.25])[1] == 0.0
     assert budget.paired({"a": 1.0, "b": 0.5}, {"a": 0.5, "b": 0.5, "c": 1.0})[0] == 0.25, "shared problems only"
 
 

@@ -100,16 +100,16 @@ def pass_rates(eval_dir: Path, label: str) -> dict[str, float]:
     return {problem: sum(v) / len(v) for problem, v in correct.items()}
 
 
-def interval(values: list[float]) -> tuple[float, float, float]:
-    """Mean and its 95% normal interval over problems."""
+def interval(values: list[float], *, bounds: tuple[float, float] = (0.0, 1.0)) -> tuple[float, float, float]:
+    """Mean and its 95% normal interval over problems, clipped to `bounds` (a pass rate lies in 0..1)."""
     n = len(values)
     mean = sum(values) / n if n else 0.0
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
     half = 1.96 * sd / math.sqrt(n) if n else 0.0
-    return mean, mean - half, mean + half
+    return mean, max(bounds[0], mean - half), min(bounds[1], mean + half)
 
 
 def paired(a: dict[str, float], b: dict[str, float]) -> tuple[float, float, float]:
     """a - b on the problems both were scored on, with its 95% interval (problem by problem)."""
     shared = sorted(a.keys() & b.keys())
-    return interval([a[p] - b[p] for p in shared])
+    return interval([a[p] - b[p] for p in shared], bounds=(-1.0, 1.0))

@@ -144,7 +144,7 @@ def _headline(recipe: Recipe, table: dict[str, dict[str, Any]], rows: dict[str, 
         "![held-out accuracy](accuracy.png)",
         "",
         "Intervals: 95% normal intervals over the held-out problems of each problem's pass rate (the mean over "
-        "its samples); the bars on the chart are these.",
+        "its samples), clipped to 0–100; the bars on the chart are these.",
         "",
     ]
     settings = prepared.get("settings", {})
