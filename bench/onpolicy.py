@@ -30,6 +30,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 from distill import files  # noqa: E402
 from distill.manifest import Manifest, write_manifest  # noqa: E402
+from distill.schema import R1_PROMPT  # noqa: E402
 from distill.tinymodel import build_tiny_model  # noqa: E402
 
 CONFIG = {
@@ -95,13 +96,7 @@ def raw(tmp: Path, models: dict[str, Path], data: Path, steps: int) -> float:
     tokenizer.padding_side = "left"
     prompts = []
     for row in files.read_jsonl(data):
-        chat = [
-            {
-                "role": "user",
-                "content": f"{row['problem']}\nPlease reason step by step, and put your final "
-                "answer within \\boxed{}.",
-            }
-        ]
+        chat = [{"role": "user", "content": R1_PROMPT.format(problem=row["problem"])}]
         prompts.append(
             {"prompt": tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) + "<think>\n"}
         )

@@ -82,7 +82,7 @@ def servable(model: str, *, scratch: Path) -> str:
         return str(scratch)
     if scratch.exists():
         shutil.rmtree(scratch)
-    log.info("eval: %s is a LoRA adapter; merging it into its base in %s to serve it", model, scratch)
+    log.info("%s is a LoRA adapter; merging it into its base in %s", model, scratch)
     return str(merge_adapter(folder, out=scratch))
 
 

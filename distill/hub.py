@@ -23,7 +23,7 @@ from distill.schema import Recipe
 
 log = logging.getLogger(__name__)
 # Train-stage files that are bookkeeping, not part of the model repo.
-NOT_MODEL_FILES = {"manifest.json", "metrics.json", "training_args.bin", "prompts.json"}
+NOT_MODEL_FILES = {"manifest.json", "metrics.json", "training_args.bin"}
 
 
 def make_api() -> Any:

@@ -161,16 +161,27 @@ def check(recipe: Recipe, *, offline: bool = True) -> tuple[list[str], list[str]
 
 def _completion_fits(recipe: Recipe, student_ctx: int | None, *, offline: bool, notes: list[str]) -> list[str]:
     """`onpolicy.config.max_completion_length` (plus a prompt) must fit the student and a teacher beside it."""
-    onpolicy = recipe.onpolicy
-    completion = onpolicy.config.get("max_completion_length")
-    if completion is None:
-        return []
-    contexts = {"the trained student": student_ctx}
     from distill.vocab import teacher_of
 
-    teacher = teacher_of(recipe)
-    if teacher and not onpolicy.teacher_server:
+    onpolicy = recipe.onpolicy
+    teacher = None if onpolicy.teacher_server else teacher_of(recipe)
+    contexts = onpolicy_contexts(student_ctx, teacher=teacher, offline=offline)
+    return completion_problems(onpolicy.config.get("max_completion_length"), contexts, notes=notes)
+
+
+def onpolicy_contexts(student_ctx: int | None, *, teacher: str | None, offline: bool) -> dict[str, int | None]:
+    """The contexts an on-policy sample must fit, by who has them: the trained student, and a teacher beside it
+    (None: the teacher is behind a server, whose context is its own business)."""
+    contexts = {"the trained student": student_ctx}
+    if teacher:
         contexts[f"onpolicy's teacher {teacher}"] = _model_context(teacher, offline=offline)
+    return contexts
+
+
+def completion_problems(completion: int | None, contexts: dict[str, int | None], *, notes: list[str]) -> list[str]:
+    """One message per context `completion` tokens cannot fit with any prompt; unknown contexts go to `notes`."""
+    if completion is None:
+        return []
     problems = []
     for who, ctx in contexts.items():
         if ctx is None:

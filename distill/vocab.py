@@ -80,19 +80,19 @@ def load_pairing(student: str, teacher: str, *, server: bool, offline: bool) -> 
 
     from distill import lengths
 
-    configs = {}
-    for name, model in (("student", student), ("teacher", teacher)):
-        configs[name] = None if (server and name == "teacher") else lengths.load_config(model, offline=offline)
-        if configs[name] is None and not (server and name == "teacher"):
-            return None
+    student_config = lengths.load_config(student, offline=offline)
+    teacher_config = None if server else lengths.load_config(teacher, offline=offline)
+    if student_config is None or (teacher_config is None and not server):
+        return None
     try:
         tokenizers = [AutoTokenizer.from_pretrained(m, local_files_only=offline) for m in (student, teacher)]
     except (OSError, ValueError):
         if offline:
             return None
         raise
-    rows = {name: config.get_text_config().vocab_size if config else None for name, config in configs.items()}
-    return check_pair(*tokenizers, student_rows=rows["student"], teacher_rows=rows["teacher"], teacher=teacher)
+    teacher_rows = teacher_config.get_text_config().vocab_size if teacher_config else None
+    student_rows = student_config.get_text_config().vocab_size
+    return check_pair(*tokenizers, student_rows=student_rows, teacher_rows=teacher_rows, teacher=teacher)
 
 
 def teacher_of(recipe: Any) -> str | None:

@@ -68,7 +68,7 @@ def run(recipe: Recipe, *, ctx: StageContext) -> StageReport:
         raise DistillError("stage onpolicy needs `onpolicy` and `teacher` sections and the train stage's output")
     launcher = launch.load(cfg.accelerate) if cfg.accelerate else None
     scratch = launch.scratch_dir(ctx.work_dir, name=SCRATCH)
-    student = _student_model(ctx.inputs["train"], scratch=scratch)
+    student = _student_model(ctx.inputs["train"], scratch=ctx.run_dir / ".work")
     setup = _prepare(recipe, student=student, work_dir=ctx.work_dir, progress=ctx.options.progress, launcher=launcher)
     prompts, dropped = _prompts(recipe, setup)
     if not prompts:
@@ -112,13 +112,13 @@ class Setup:
 
 
 def _student_model(train_dir: Path, *, scratch: Path) -> Path:
-    """The SFT student as a full model: the train output, or its LoRA adapter merged into its base first."""
-    if (train_dir / "config.json").is_file():
-        return train_dir
-    if (train_dir / "adapter_config.json").is_file():
-        log.info("onpolicy: the train stage wrote a LoRA adapter; merging it into its base to start from")
-        return merge_adapter(train_dir, out=scratch / "sft-merged")
-    raise DistillError(f"{train_dir}: neither a model (config.json) nor a LoRA adapter; re-run `distill train`")
+    """The SFT student as a full model: the train output, or its LoRA adapter merged into its base first (once,
+    as eval serves it: `distill.evaluate.servable`)."""
+    from distill.evaluate import servable
+
+    if not any((train_dir / name).is_file() for name in ("config.json", "adapter_config.json")):
+        raise DistillError(f"{train_dir}: neither a model (config.json) nor a LoRA adapter; re-run `distill train`")
+    return Path(servable(str(train_dir), scratch=scratch))
 
 
 def _prepare(
@@ -148,18 +148,14 @@ def _prepare(
     pairing = vocab.load_pairing(str(student), teacher, server=bool(cfg.teacher_server), offline=False)
     tokenizer = AutoTokenizer.from_pretrained(student)
     check_start(tokenizer, think_prefix=recipe.teacher.think_prefix)
-    contexts = {"the student": lengths.model_context(str(student))}
-    if not cfg.teacher_server:
-        contexts[f"the teacher {teacher}"] = lengths.model_context(teacher)
-    known = {who: ctx for who, ctx in contexts.items() if ctx is not None}
-    limit = min(known.values(), default=2**31)
+    contexts = lengths.onpolicy_contexts(
+        lengths.model_context(str(student)), teacher=None if cfg.teacher_server else teacher, offline=False
+    )
     completion = int(resolved.max_completion_length or 0)
-    if completion >= limit:
-        who = min(known, key=known.get)
-        raise RecipeError(
-            f"onpolicy.config.max_completion_length: {completion} does not fit {who}'s context ({limit} "
-            "positions) with any prompt; lower it"
-        )
+    problems = lengths.completion_problems(completion, contexts, notes=[])
+    if problems:
+        raise RecipeError("\n".join(problems))
+    limit = min((ctx for ctx in contexts.values() if ctx is not None), default=2**31)
     if on_gpu and not cfg.teacher_server:
         _check_teacher_fits(teacher)
     log.info("onpolicy.config as passed to %s: %s", config_class.__name__, args)
