@@ -131,12 +131,12 @@ def start(recipe: Recipe, *, runs_dir: Path) -> tuple[dict[str, Recipe], list[su
         )
     common = ["--runs-dir", str(runs_dir), "--no-progress"]
     cli = [sys.executable, "-m", "distill.cli"]
-    # `--dry-run` is part of every stage's fingerprint: the copied generate stage was made with it, so the runs
-    # that reuse it must say it too (they have no `hub` section, so it changes nothing else).
+    # `--dry-run` is in push's fingerprint only (`StageOptions.fingerprint`); the variants have no `hub` section, so
+    # it changes nothing for them: it is passed to `distill run` as the distill run passes it, and `train` has none.
     jobs = {  # the answers run is followed by the teacher's evaluation
         derived["unfiltered"].name: [[*cli, "run", str(paths["unfiltered"]), "--dry-run", *common]],
         derived["few"].name: [  # `more` continues the `few` student: once it is trained, both go on side by side
-            [*cli, "train", str(paths["few"]), *common],  # --dry-run is push's only (no other fingerprint)
+            [*cli, "train", str(paths["few"]), *common],
             [
                 [*cli, "run", str(paths["more"]), "--dry-run", *common],
                 [*cli, "run", str(paths["few"]), "--dry-run", *common],
