@@ -161,7 +161,11 @@ def _headline(recipe: Recipe, table: dict[str, dict[str, Any]], rows: dict[str, 
 
 def _teacher(table: dict[str, dict[str, Any]], funnel: dict[str, Any], recipe: Recipe) -> list[str]:
     verify = next((s for s in funnel["steps"] if s["name"] == "answer_matches"), None)
-    lines = ["## Teacher", "", f"- held-out accuracy (pass@1): {_pct(table['teacher']['pass@1'])}%"]
+    lines = [
+        "## Teacher",
+        "",
+        f"- held-out accuracy (pass@1): {_pct(table['teacher']['pass@1'])}% (95% interval {_span(table['teacher'])})",
+    ]
     if verify and verify["seen"]:
         share = verify["kept"] / verify["seen"]
         lines.append(
