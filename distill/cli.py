@@ -3,6 +3,7 @@
     distill run recipes/demo.yaml                 # every configured stage, skipping finished ones
     distill generate recipes/x.yaml --shard 3/8   # one stage (here: one of 8 parallel teacher jobs)
     distill status recipes/x.yaml                 # done / stale / missing per stage
+    distill gc recipes/x.yaml --remove --keep 1   # delete superseded outputs but the newest per stage
     distill recipe show recipes/x.yaml --set student.sft.learning_rate=1e-5
 
 Bad input ends with one message naming the file, key or record, and exit code 2.
@@ -53,6 +54,22 @@ def _recipe_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (per-record detail)")
 
 
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return int(text)
+
+
+def _budgets(text: str) -> list[int]:
+    try:
+        budgets = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected token counts such as 64,128,256, got {text!r}") from None
+    if not budgets:
+        raise argparse.ArgumentTypeError("expected at least one token count, e.g. 64,128,256")
+    return budgets
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distill", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"distill {__version__}")
@@ -71,6 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
             )
         if name == "eval":
             stage.add_argument("--model", help="evaluate this model instead of the train stage's output")
+            stage.add_argument(
+                "--repeat", type=int, metavar="R", help="score R times, engine seeds seed, seed+1, ... (eval.repeat)"
+            )
+            stage.add_argument(
+                "--budgets",
+                type=_budgets,
+                metavar="B1,B2,...",
+                help="also score at most B thinking tokens per sample, for each B (eval.thinking_budgets)",
+            )
         if name == "push":
             stage.add_argument("--dry-run", action="store_true", help="stage the repo folders, send nothing")
     run = sub.add_parser("run", help="run every configured stage in order, skipping finished ones")
@@ -85,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--dry-run", action="store_true", help="push stage: stage the repo folders, send nothing")
     _recipe_args(sub.add_parser("status", help="table of stages: done / stale / missing, counts, when"))
+    gc = sub.add_parser("gc", help="list the outputs re-runs moved aside (runs/<name>/.superseded); --remove them")
+    _recipe_args(gc)
+    gc.add_argument("--remove", action="store_true", help="delete them (all, or all but the newest --keep)")
+    gc.add_argument("--keep", type=_count, metavar="N", help="with --remove: keep the newest N per stage")
     recipe = sub.add_parser("recipe", help="show, check or document recipes")
     recipe_sub = recipe.add_subparsers(dest="recipe_command", required=True, metavar="ACTION")
     _recipe_args(recipe_sub.add_parser("show", help="print the fully resolved recipe"))
@@ -170,6 +200,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     handler = {
         "run": commands.run,
         "status": commands.status,
+        "gc": commands.gc,
         "recipe": commands.recipe,
         "tiny-model": commands.tiny_model,
         "verify": commands.verify,

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from distill import pipeline
-from distill.errors import RecipeError, StageNotBuilt
+from distill.errors import DistillError, RecipeError, StageNotBuilt
 from distill.recipe import dump_recipe, load_recipe
 from distill.schema import Recipe
 
@@ -27,7 +27,14 @@ def _options(args: argparse.Namespace) -> pipeline.StageOptions:
 
 
 def _load(args: argparse.Namespace) -> Recipe:
-    recipe = load_recipe(args.recipe, overrides=args.overrides)
+    """The recipe with `--set` overrides, then the eval flags that are recipe fields under another name (so they
+    are part of the stage's fingerprint like any recipe value)."""
+    overrides = list(args.overrides)
+    if getattr(args, "repeat", None) is not None:
+        overrides.append(f"eval.repeat={args.repeat}")
+    if getattr(args, "budgets", None):
+        overrides.append(f"eval.thinking_budgets=[{','.join(map(str, args.budgets))}]")
+    recipe = load_recipe(args.recipe, overrides=overrides)
     log.info("recipe %s (%s)", recipe.name, args.recipe)
     return recipe
 
@@ -54,11 +61,37 @@ def run(args: argparse.Namespace) -> int:
 def status(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, overrides=args.overrides)
     table = Table(title=f"runs/{recipe.name}")
-    for column in ("stage", "state", "in", "out", "finished"):
+    columns = ("stage", "state", "in", "out", "finished", "superseded")
+    for column in columns:
         table.add_column(column)
     for row in pipeline.status(recipe, runs_dir=args.runs_dir):
-        table.add_row(*(str(row[c]) for c in ("stage", "state", "in", "out", "finished")))
+        table.add_row(*(str(row[c]) for c in columns))
     Console(width=119).print(table)
+    return 0
+
+
+def gc(args: argparse.Namespace) -> int:
+    """List the run's superseded outputs, or with `--remove` delete them (all but the newest `--keep` per stage)."""
+    from distill import superseded
+
+    if args.keep is not None and not args.remove:
+        raise DistillError("--keep N says what `--remove` spares: use it with --remove")
+    recipe = load_recipe(args.recipe, overrides=args.overrides)
+    run_dir = args.runs_dir / recipe.name
+    if args.remove:
+        removed = superseded.remove(run_dir, keep=args.keep or 0)
+        size = superseded.human(sum(e.size for e in removed))
+        print(f"removed {len(removed)} superseded outputs ({size}) from {run_dir / superseded.SUPERSEDED}")
+        return 0
+    entries = superseded.entries(run_dir)
+    table = Table(title=f"{run_dir / superseded.SUPERSEDED}")
+    for column in ("stage", "fingerprint", "size", "finished", "path"):
+        table.add_column(column)
+    for entry in entries:
+        size = superseded.human(entry.size)
+        table.add_row(entry.stage, entry.key, size, entry.manifest.finished_at, str(entry.path))
+    Console(width=159).print(table)
+    print(f"{len(entries)} superseded outputs, {superseded.human(sum(e.size for e in entries))}")
     return 0
 
 

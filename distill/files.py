@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -133,3 +134,11 @@ def sha256_tree(root: str | Path, *, exclude: tuple[str, ...] = ("manifest.json"
             continue
         digest.update(f"{rel}\0{sha256_file(path)}\n".encode())
     return digest.hexdigest()
+
+
+def write_png(fig: Any, path: str | Path) -> None:
+    """Save a matplotlib figure atomically (rendered to memory first, so a failed render leaves no file)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    with atomic_open(path, "wb") as handle:
+        handle.write(buffer.getvalue())

@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from distill import intervals
 from distill.data import load_spec
 from distill.errors import RecipeError
 from distill.manifest import canonical_hash, git_revision, package_versions, read_manifest
@@ -249,16 +250,27 @@ def _model_index(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _eval_table(results: dict[str, Any]) -> list[str]:
+    """Point values and pass@1's 95% interval (results written before intervals existed show none), then the paired
+    differences against the other models scored on the same problems."""
     keys = sorted({key for scores in results["benchmarks"].values() for key in scores if "@" in key})
+    method = results.get("interval_method")
     lines = [
         "## Evaluation",
         "",
-        f"k = {results.get('k', '?')} samples per problem; scores in %.",
+        f"k = {results.get('k', '?')} samples per problem; scores in %."
+        + (f" Intervals: {method}." if method else ""),
         "",
-        "| benchmark | problems | " + " | ".join(keys) + " |",
-        "|---|---|" + "---|" * len(keys),
+        "| benchmark | problems | " + " | ".join(keys) + " | pass@1 95% interval |",
+        "|---|---|" + "---|" * len(keys) + "---|",
     ]
     for name, scores in results["benchmarks"].items():
         cells = [f"{100 * scores[k]:.1f}" if k in scores else "" for k in keys]
-        lines.append(f"| {name} | {scores.get('problems', '')} | " + " | ".join(cells) + " |")
+        interval = scores.get("interval")
+        span = f"{100 * interval['low']:.1f}–{100 * interval['high']:.1f}" if interval else "–"
+        lines.append(f"| {name} | {scores.get('problems', '')} | " + " | ".join(cells) + f" | {span} |")
+    for name, block in results.get("paired", {}).items():
+        overall = block["overall"]
+        verdict = "excludes zero" if overall["low"] > 0 or overall["high"] < 0 else "includes zero"
+        lines += ["", f"Paired difference `{name}` over {overall['problems']} problems: "
+                  f"{intervals.percent(overall, signed=True)} points ({verdict})."]  # fmt: skip
     return [*lines, ""]

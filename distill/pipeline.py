@@ -5,17 +5,18 @@ Each stage is a module with one public function
     run(recipe: Recipe, *, ctx: StageContext) -> StageReport
 
 that writes its outputs under `ctx.work_dir`. The runner owns everything else: it picks the work directory (named
-by the stage fingerprint, so a changed recipe never mixes with an older partial run and nothing is overwritten),
-writes `manifest.json` last, and swaps the finished work directory into `runs/<name>/<stage>/`. A kill at any
-moment leaves the previous finished output in place; a rerun resumes in the same work directory (the teacher
-continues from its durable shards there).
+by the stage fingerprint, so a changed recipe never mixes with an older partial run), writes `manifest.json` last,
+and swaps the finished work directory into `runs/<name>/<stage>/`. The output it replaces is moved aside to
+`runs/<name>/.superseded/<stage>-<fingerprint>/`, not deleted, and is restored instead of re-run when the recipe
+comes back to that fingerprint (`distill.superseded`). A kill at any moment leaves the previous finished output in
+place (or in `.superseded/`, from where the next run restores it); a rerun resumes in the same work directory (the
+teacher continues from its durable shards there).
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from distill import files
+from distill import files, superseded
 from distill.errors import DistillError, StageNotBuilt
 from distill.manifest import Manifest, canonical_hash, read_manifest, write_manifest
 from distill.recipe import section
@@ -46,6 +47,7 @@ class Stage:
     reads: Callable[[Recipe, StageOptions], tuple[str, ...]] | None = None  # upstream actually read, if it varies
     operational: tuple[str, ...] = ()  # dotted paths inside `sections` that change how, not what: not hashed
     problems: bool = False  # reads the recipe's problems: their content (module.input_hash) is part of its input
+    sends: bool = False  # acts outside runs/ (the Hub): a superseded record of a send is restored only for dry runs
 
     def upstream_read(self, recipe: Recipe, options: StageOptions) -> tuple[str, ...]:
         return self.reads(recipe, options) if self.reads else self.upstream
@@ -122,7 +124,16 @@ STAGES: dict[str, Stage] = {
             6,
             reads=_eval_reads,
         ),
-        Stage("push", "distill.hub", ("hub",), ("filter", "train", "onpolicy", "eval"), "hub", 6, reads=_push_reads),
+        Stage(
+            "push",
+            "distill.hub",
+            ("hub",),
+            ("filter", "train", "onpolicy", "eval"),
+            "hub",
+            6,
+            reads=_push_reads,
+            sends=True,
+        ),
     )
 }
 
@@ -220,10 +231,13 @@ def _state(recipe: Recipe, stage: Stage, run_dir: Path, manifest: Manifest | Non
 
 
 def status(recipe: Recipe, *, runs_dir: Path) -> list[dict[str, Any]]:
-    """One row per stage: done / stale / missing / partial / not configured, with counts and finish time."""
+    """One row per stage: done / stale / missing / partial / not configured, with counts, finish time and the
+    superseded outputs kept for it (count and size, so `distill gc` is not a surprise)."""
     run_dir = runs_dir / recipe.name
+    kept = superseded.summary(run_dir)
     rows = []
     for stage in STAGES.values():
+        count, size = kept.get(stage.name, (0, 0))
         manifest = read_manifest(run_dir / stage.name)
         rows.append(
             {
@@ -232,6 +246,7 @@ def status(recipe: Recipe, *, runs_dir: Path) -> list[dict[str, Any]]:
                 "in": manifest.counts.get("in", "") if manifest else "",
                 "out": manifest.counts.get("out", "") if manifest else "",
                 "finished": manifest.finished_at if manifest else "",
+                "superseded": f"{count} ({superseded.human(size)})" if count else "",
             }
         )
     return rows
@@ -253,6 +268,16 @@ def run_stage(
     if previous and not force and (previous.section_hash, previous.input_hash) == (sections, inputs_hash):
         log.info("%s: cached (manifest matches: section %s, input %s)", name, sections[:12], inputs_hash[:12])
         return previous
+    work_dir = run_dir / WORK / f"{name}-{superseded.fingerprint(sections, inputs_hash)}"
+    if not force and (not stage.sends or options.dry_run):  # a restored push record would not push again
+        restored = superseded.restore(run_dir, name, sections, inputs_hash)
+        if restored is not None:
+            return restored
+    finished = read_manifest(work_dir)
+    if not force and finished and (finished.section_hash, finished.input_hash) == (sections, inputs_hash):
+        log.info("%s: finished in %s before a kill; swapping it in", name, work_dir)  # killed between two renames
+        superseded.swap_in(run_dir, work_dir, out_dir)
+        return finished
     if previous:
         changed = [
             w
@@ -263,7 +288,6 @@ def run_stage(
             if a != b
         ]
         log.info("%s: re-running (%s)", name, "forced" if force else f"{' and '.join(changed)} changed")
-    work_dir = run_dir / WORK / f"{name}-{canonical_hash([sections, inputs_hash])[:12]}"
     work_dir.mkdir(parents=True, exist_ok=True)
     if force and options.shard == (0, 1):  # a forced shard of N must not wipe the other shards' work
         _clear(work_dir)
@@ -286,19 +310,8 @@ def run_stage(
         extra=report.extra,
     )
     write_manifest(work_dir, manifest)
-    _swap_in(work_dir, out_dir)
+    superseded.swap_in(run_dir, work_dir, out_dir)
     return manifest
-
-
-def _swap_in(work_dir: Path, out_dir: Path) -> None:
-    """Replace out_dir by work_dir with two renames; the old output is deleted only after the new one is in place."""
-    old = None
-    if out_dir.exists():
-        old = work_dir.with_name(f"{out_dir.name}-replaced-{os.getpid()}")
-        os.replace(out_dir, old)
-    os.replace(work_dir, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _clear(work_dir: Path) -> None:

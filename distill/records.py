@@ -71,6 +71,9 @@ class Trace(Problem):
     # `deepseek-reasoner` moves between models, so `teacher` alone does not say whose traces these are.
     reported_model: str | None = None
     system_fingerprint: str | None = None
+    # Tokens inside the think block under `teacher.thinking_budget` (generated + `wait_text`, without the forced
+    # `</think>`); None without a budget, and in rows written before this field.
+    thinking_tokens: int | None = None
 
     @classmethod
     def from_dict(cls, row: dict[str, Any], *, where: str) -> Trace:

@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from distill.recipe import PASSTHROUGH
-from distill.schema import Endpoint, Eval, Filter, Hub, OnPolicy, Recipe, Student, Teacher
+from distill.schema import Endpoint, Eval, Filter, Hub, OnPolicy, Recipe, Student, Teacher, ThinkingBudget
 from distill.sources import DatasetSpec, DataSource, FieldMap, Mixture
 
 SECTIONS: list[tuple[str, type[BaseModel]]] = [
@@ -22,6 +22,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("mixture", Mixture),
     ("teacher", Teacher),
     ("teacher.endpoint", Endpoint),
+    ("teacher.thinking_budget", ThinkingBudget),
     ("filter", Filter),
     ("student", Student),
     ("onpolicy", OnPolicy),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PositiveInt, ValidationInfo, field_validator, model_validator
 
 from distill.records import CUT_SHORT
 from distill.sources import DataSource, Mixture, Section, as_sources, unweighted_sources
@@ -101,6 +101,23 @@ class Endpoint(Section):
         return value
 
 
+class ThinkingBudget(Section):
+    """s1's budget forcing (Muennighoff et al. 2025), done by continuing token ids offline (`teacher.budget`)."""
+
+    tokens: int = Field(
+        ge=1,
+        description="Most thinking tokens per sample: at this count `</think>` is forced and the model writes its "
+        "answer.",
+    )
+    wait: int = Field(
+        0,
+        ge=0,
+        description="Times `wait_text` is appended when a sample closes its think block before `tokens` (it "
+        "thinks on, within the same budget); 0 accepts the first close.",
+    )
+    wait_text: str = Field("Wait", min_length=1, description="Text appended to keep a sample thinking (s1's).")
+
+
 class Teacher(Section):
     backend: Literal["vllm", "openai"] = Field(
         "vllm", description="`vllm`: offline `vllm.LLM`; `openai`: any OpenAI-compatible endpoint (see `endpoint`)."
@@ -122,12 +139,30 @@ class Teacher(Section):
     )
     engine: dict[str, Any] = Field(default_factory=dict, description="`vllm.LLM(...)` keyword arguments.")
     endpoint: Endpoint | None = Field(None, description="Endpoint settings, required when `backend: openai`.")
+    thinking_budget: ThinkingBudget | None = Field(
+        None,
+        description="Cap each sample's thinking (s1 budget forcing; backend `vllm` only); unset: only `max_tokens`.",
+    )
     _merge_sampling = field_validator("sampling", mode="before")(_merge_defaults(R1_SAMPLING))
 
-    @model_validator(mode="after")
-    def _extra_body_only_adds(self) -> Teacher:
-        _check_extra_body(self.endpoint, self.sampling, section="teacher")
-        return self
+    @field_validator("thinking_budget")
+    @classmethod
+    def _budget_fits(cls, value: ThinkingBudget | None, info: ValidationInfo) -> ThinkingBudget | None:
+        offline = info.data.get("backend", "vllm") == "vllm"
+        problem = value and _budget_problem([value.tokens], info.data.get("sampling") or {}, offline=offline)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+
+def _budget_problem(budgets: list[int], sampling: dict[str, Any], *, offline: bool) -> str | None:
+    """Budget forcing continues each sample from its token ids, which only the offline engine takes, and the answer
+    needs room after the budget within `max_tokens`."""
+    if budgets and not offline:
+        return "needs offline vLLM: budget forcing continues samples by token ids, which an endpoint cannot take"
+    limit = sampling.get("max_tokens")
+    over = [b for b in budgets if isinstance(limit, int) and b >= limit]
+    return f"budgets {over} must be below sampling.max_tokens={limit}, which also holds the answer" if over else None
 
 
 class Filter(Section):
@@ -293,6 +328,18 @@ class Eval(Section):
     compare_sft: bool = Field(
         False, description="With `onpolicy`, also score the train stage's SFT student (label `sft`) before it."
     )
+    repeat: int = Field(
+        1,
+        ge=1,
+        description="Score every model this many times, with engine seeds `engine.seed` + 0, 1, ...; the report "
+        "gives the spread between runs beside each run's interval (`distill eval --repeat`).",
+    )
+    thinking_budgets: list[PositiveInt] = Field(
+        default_factory=list,
+        description="Also score the evaluated model with at most B thinking tokens for each B (s1's budget "
+        "forcing: `</think>` forced at B): the accuracy-vs-thinking-tokens curve (`distill eval --budgets`).",
+    )
+    budget_wait: int = Field(0, ge=0, description="On the budget curve: `Wait`s appended when a sample stops early.")
     _merge_sampling = field_validator("sampling", mode="before")(_merge_defaults(R1_SAMPLING))
 
     @model_validator(mode="after")
@@ -301,6 +348,9 @@ class Eval(Section):
         too_big = [k for k in self.pass_k if k > n]
         if too_big:
             raise ValueError(f"pass_k {too_big} exceeds sampling.n={n}, the samples drawn per problem")
+        problem = _budget_problem(self.thinking_budgets, self.sampling, offline=self.endpoint is None)
+        if problem:
+            raise ValueError(f"thinking_budgets: {problem}")
         _check_extra_body(self.endpoint, self.sampling, section="eval")
         return self
 

@@ -1,11 +1,14 @@
 """Scoring one model for stage `eval`: k samples per problem on every benchmark, judged and scored, written to the
 model's own folder, which the stage later merges with the other models' (`distill.evaluate`).
 
-A model's folder holds `samples.jsonl` (one row per sample) and then `scores.json` (its block of `results.json`),
-each written atomically, so a folder with `scores.json` is a finished model that a rerun reuses. The stage calls
-`score_model` in-process for one model, or runs this module in a child process per model when it scores several:
+A scoring's folder (`models/<label>/`) holds `samples.jsonl` (one row per sample) and then `scores.json` (its block
+of `results.json`), each written atomically, so a folder with `scores.json` is a finished scoring that a rerun
+reuses. Scorings of one engine (the same model and seed: a model and its budget-curve points) share it. The stage
+calls `score_jobs` in-process for one engine, or runs this module in a child process per engine when it needs
+several:
 
-    python -m distill.scoring --recipe <work>/models/recipe.json --label base --model <dir> --out <work>/models/base
+    python -m distill.scoring --recipe <work>/models/recipe.json --model <dir> --job student --job student@think64:64 \
+        --out <work>/models
 
 The child reads the resolved recipe from JSON (validated by the stage already, so the pass-through checks, which
 import vLLM and TRL, are not run again) and loads the benchmarks itself; its logs go to stderr like the stage's.
@@ -19,15 +22,17 @@ import logging
 import os
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distill import files
+from distill import files, intervals
 from distill.data import Loaded, last_boxed, load_source
 from distill.errors import RecipeError
+from distill.eval_record import reproducibility, thinking_tokens, token_use
 from distill.prompts import source_prompts
 from distill.records import CUT_SHORT, Problem, Trace
-from distill.schema import Recipe, Teacher
+from distill.schema import Recipe, Teacher, ThinkingBudget
 
 log = logging.getLogger(__name__)
 SAMPLES = "samples.jsonl"
@@ -35,42 +40,136 @@ STUDENT = "student"  # the label of the model the stage evaluates (the others ar
 SCORES = "scores.json"
 
 
-def score_model(recipe: Recipe, model: str, benchmarks: list[Loaded], *, label: str, out: Path) -> dict[str, Any]:
-    """Generate, verify and score `model` on every benchmark. Writes `out/samples.jsonl` (rows in benchmark, problem,
-    sample order, each tagged with `label`), then `out/scores.json`, and returns what the latter holds: `model`, and
-    `benchmarks`, `domains` (per answer kind) and `overall` scores. The engine is shut down before returning."""
-    # Imported here, not at the top: `distill.pass_at_k` imports Hugging Face `evaluate` (~5 s), and in a child this
-    # module is `__main__`, which every verification worker (fork server) imports again before its first trace.
-    from distill.pass_at_k import score
+def score_model(
+    recipe: Recipe, model: str, benchmarks: list[Loaded], *, runs: dict[str, tuple[Path, ThinkingBudget | None]]
+) -> dict[str, dict[str, Any]]:
+    """Generate, verify and score `model` on every benchmark, once per run (label → its folder and thinking budget),
+    all on one engine: the points of a budget curve differ only in how samples are continued, so they need no
+    engine of their own (on a GPU, no second load of the model). Each run writes `out/samples.jsonl` (rows in
+    benchmark, problem, sample order, each tagged with its label), then `out/scores.json`: `model`, `benchmarks`,
+    `domains` (per answer kind), `overall` and the `record`. Returns those by label; the engine is shut down before
+    returning."""
+    first = next(iter(runs))
+    teacher = fitted(as_teacher(recipe, model), label=first)
+    # the verification workers start before the engine loads, once for every run and benchmark
+    with verify_pool(recipe) as pool, _engine(teacher) as llm:
+        return {
+            label: _score_run(
+                recipe,
+                teacher.model_copy(update={"thinking_budget": budget}),
+                llm,
+                benchmarks,
+                label=label,
+                out=out,
+                pool=pool,
+            )
+            for label, (out, budget) in runs.items()
+        }
+
+
+def _score_run(
+    recipe: Recipe, teacher: Teacher, llm: Any, benchmarks: list[Loaded], *, label: str, out: Path, pool: Any
+) -> dict[str, Any]:
+    # Imported here, not at the top: in a child this module is `__main__`, which every verification worker (fork
+    # server) imports again before its first trace.
     from teacher.generate import generate_traces
     from teacher.traces import GenerationStats
 
-    teacher = fitted(as_teacher(recipe, model), label=label)
     prompts = source_prompts(recipe.eval.benchmarks, teacher=teacher, where="eval.benchmarks")
     per_benchmark = {}
-    by_kind: dict[str, tuple[list[list[str]], list[list[bool]]]] = {}
-    with _engine(teacher) as llm, files.atomic_open(out / SAMPLES) as handle:
+    by_kind: dict[str, Judged] = {}
+    with files.atomic_open(out / SAMPLES) as handle:
         engine = _check_prompts(recipe, teacher, llm, benchmarks, prompts=prompts, label=label) if llm else {}
+        record = reproducibility(teacher, llm, prompts=prompts)
+        tokenizer = llm.get_tokenizer() if llm else None
         for loaded in benchmarks:
             stats = GenerationStats()
             traces = generate_traces(loaded.problems, teacher=teacher, stats=stats, llm=llm, prompts=prompts)
-            answers, verdicts, rows = judge(loaded.problems, traces, n=teacher.sampling["n"], recipe=recipe)
-            for row in rows:
+            judged = judge(loaded.problems, traces, n=teacher.sampling["n"], pool=pool, tokenizer=tokenizer)
+            for row in judged.rows:
                 handle.write(files.json_line({"model": label, "benchmark": loaded.spec.name, **row}))
-            scores = score(answers, verdicts, k=recipe.eval.pass_k)
+            scores = _scores(judged, k=recipe.eval.pass_k)
             scores["prompt_too_long"] = len(stats.skipped_ids)
             per_benchmark[loaded.spec.name] = {"kind": loaded.spec.kind, **scores}
-            kind_answers, kind_verdicts = by_kind.setdefault(loaded.spec.kind, ([], []))
-            kind_answers += answers
-            kind_verdicts += verdicts
+            by_kind.setdefault(loaded.spec.kind, Judged()).extend(judged)
             log.info("%s on %s: %s", label, loaded.spec.name, _brief(scores))
-    domains = {kind: score(a, v, k=recipe.eval.pass_k) for kind, (a, v) in by_kind.items()}
-    all_answers = [keys for answers, _ in by_kind.values() for keys in answers]
-    all_verdicts = [oks for _, verdicts in by_kind.values() for oks in verdicts]
-    overall = score(all_answers, all_verdicts, k=recipe.eval.pass_k)
-    scored = {"model": model, **engine, "benchmarks": per_benchmark, "domains": domains, "overall": overall}
+    domains = {kind: _scores(judged, k=recipe.eval.pass_k) for kind, judged in by_kind.items()}
+    overall = _scores(Judged().extend(*by_kind.values()), k=recipe.eval.pass_k)
+    scored = {
+        "model": teacher.model,
+        **engine,
+        "benchmarks": per_benchmark,
+        "domains": domains,
+        "overall": overall,
+        "record": record,
+    }
     files.write_json(out / SCORES, scored)
     return scored
+
+
+@dataclass
+class Judged:
+    """One benchmark's (or several's) judged samples: per problem the k answer keys (for maj@k) and verdicts, and
+    the per-sample rows."""
+
+    answers: list[list[str]] = field(default_factory=list)
+    verdicts: list[list[bool]] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def extend(self, *others: Judged) -> Judged:
+        for other in others:
+            self.answers += other.answers
+            self.verdicts += other.verdicts
+            self.rows += other.rows
+        return self
+
+
+def _scores(judged: Judged, *, k: list[int]) -> dict[str, Any]:
+    """pass@k and maj@k, pass@1's 95% interval over problems, and the samples' token use."""
+    from distill.pass_at_k import score
+
+    scores = score(judged.answers, judged.verdicts, k=k)
+    scores["interval"] = intervals.pass_rate(judged.verdicts).as_dict()
+    scores["tokens"] = token_use(judged.rows)
+    return scores
+
+
+@dataclass(frozen=True)
+class Job:
+    """One scoring of one model: its engine seed (None: the recipe's) and thinking budget (None: unbudgeted). Jobs
+    with the same model and seed share an engine (`engine_key`)."""
+
+    model: str
+    seed: int | None = None
+    thinking_budget: int | None = None
+
+    @property
+    def engine_key(self) -> tuple[str, int | None]:
+        return self.model, self.seed
+
+
+def score_jobs(recipe: Recipe, jobs: dict[str, Job], benchmarks: list[Loaded], *, out: Path) -> dict[str, Any]:
+    """`score_model` for jobs of one engine (same model and seed), each into `out/<label>/`: the recipe's eval
+    engine reseeded (and `sampling.seed`, where the recipe sets a per-request seed that would otherwise repeat the
+    same samples), and each job's thinking budget."""
+    (model, seed), *others = {job.engine_key for job in jobs.values()}
+    if others:
+        raise ValueError(f"score_jobs: jobs of one engine only, got {sorted(jobs)}")
+    if seed is not None:
+        update: dict[str, Any] = {"engine": {**recipe.eval.engine, "seed": seed}}
+        if "seed" in recipe.eval.sampling:
+            update["sampling"] = {**recipe.eval.sampling, "seed": seed}
+        recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(update=update)})
+    runs = {
+        label: (
+            out / label,
+            None
+            if job.thinking_budget is None
+            else ThinkingBudget(tokens=job.thinking_budget, wait=recipe.eval.budget_wait),
+        )
+        for label, job in jobs.items()
+    }
+    return score_model(recipe, model, benchmarks, runs=runs)
 
 
 def finished(out: Path, *, model: str) -> dict[str, Any] | None:
@@ -108,7 +207,7 @@ def fitted(teacher: Teacher, *, label: str) -> Teacher:
     message = (
         f"eval.engine.max_model_len: {limit} is longer than {label}'s context ({context} positions, {teacher.model})"
     )
-    if label == STUDENT:
+    if label.partition("@")[0] == STUDENT:  # its repeats and budget points too
         raise RecipeError(f"{message}; lower it, or extend the student's context with student.base_config")
     log.warning(
         "%s: %s is scored with its own %d, so its answers past it are cut and counted wrong", message, label, context
@@ -137,7 +236,7 @@ def _check_prompts(
         for chat in (messages(problem, teacher=teacher, prompts=prompts) for problem in loaded.problems)
     )
     problem = lengths.eval_prompt_problem(recipe, max_model_len=max_model_len, longest_prompt=longest, label=label)
-    if problem and label == STUDENT:
+    if problem and label.partition("@")[0] == STUDENT:
         raise RecipeError(problem)
     if problem:
         log.warning("%s (%s: its answers past it are counted wrong)", problem, label)
@@ -161,23 +260,23 @@ def as_teacher(recipe: Recipe, model: str) -> Teacher:
     )
 
 
-def judge(
-    problems: list[Problem], traces: list[Trace], *, n: int, recipe: Recipe
-) -> tuple[list[list[str]], list[list[bool]], list[dict[str, Any]]]:
-    """Per problem: the k answer keys (for maj@k), the k verdicts, and the per-sample detail rows."""
-    reasons = verify(traces, timeout_s=recipe.filter.verify_timeout_s, workers=recipe.filter.workers)
+def judge(problems: list[Problem], traces: list[Trace], *, n: int, pool: Any, tokenizer: Any = None) -> Judged:
+    """Verify every sample in `pool` (`verify_pool`); a problem with fewer than `n` (its prompt did not fit) has the
+    rest counted wrong."""
+    reasons = verify(traces, pool=pool)
     by_problem: dict[str, list[tuple[Trace, str]]] = {}
     for trace, reason in zip(traces, reasons, strict=True):
         by_problem.setdefault(trace.id, []).append((trace, reason))
-    answers, verdicts, rows = [], [], []
+    judged = Judged()
     for problem in problems:
-        judged = by_problem.get(problem.id, [])
-        keys = [answer_key(trace) for trace, _ in judged] + [""] * (n - len(judged))
-        oks = [reason == "ok" for _, reason in judged] + [False] * (n - len(judged))
-        answers.append(keys)
-        verdicts.append(oks)
-        for (trace, reason), key in zip(judged, keys, strict=False):
-            rows.append(
+        judged_problem = by_problem.get(problem.id, [])
+        missing = n - len(judged_problem)
+        keys = [answer_key(trace) for trace, _ in judged_problem] + [""] * missing
+        oks = [reason == "ok" for _, reason in judged_problem] + [False] * missing
+        judged.answers.append(keys)
+        judged.verdicts.append(oks)
+        for (trace, reason), key in zip(judged_problem, keys, strict=False):
+            judged.rows.append(
                 {
                     "id": trace.id,
                     "sample": trace.sample,
@@ -186,27 +285,36 @@ def judge(
                     "extracted": key,
                     "finish_reason": trace.finish_reason,
                     "completion_tokens": trace.completion_tokens,
+                    "thinking_tokens": thinking_tokens(trace, tokenizer),
                     "verdict": {"correct": reason == "ok", "reason": reason},
                 }
             )
-    return answers, verdicts, rows
+    return judged
 
 
-def verify(traces: list[Trace], *, timeout_s: float, workers: int | None) -> list[str]:
-    """One reason per trace, in order, from the filter's own steps and worker pool: `truncated` (cut by max_tokens
-    or no `</think>`), the answer check's reasons, `ok`. Same words and timeouts as the filter stage."""
-    from distill.filter import to_item
+@contextlib.contextmanager
+def verify_pool(recipe: Recipe) -> Iterator[Any]:
+    """The filter's own steps and worker pool for judging samples: `truncated` (cut by max_tokens or no `</think>`),
+    the answer check's reasons, `ok`. Same words and timeouts as the filter stage."""
     from distill.filter.pool import VerifyPool
     from distill.filter.steps import AnswerMatches, Truncated
+
+    timeout_s, workers = recipe.filter.verify_timeout_s, recipe.filter.workers
+    steps = [Truncated(), AnswerMatches(verify=True, timeout_s=timeout_s)]
+    with VerifyPool(steps=steps, workers=workers or os.cpu_count() or 1, timeout_s=timeout_s) as pool:
+        yield pool
+
+
+def verify(traces: list[Trace], *, pool: Any) -> list[str]:
+    """One reason per trace, in order, problem by problem through `pool`."""
+    from distill.filter import to_item
 
     groups: list[list[dict[str, Any]]] = []
     for index, trace in enumerate(traces):
         if index == 0 or trace.id != traces[index - 1].id:
             groups.append([])
         groups[-1].append(to_item(trace.to_dict()))
-    steps = [Truncated(), AnswerMatches(verify=True, timeout_s=timeout_s)]
-    with VerifyPool(steps=steps, workers=workers or os.cpu_count() or 1, timeout_s=timeout_s) as pool:
-        return [reason for outcomes in pool.imap(groups) for _, reason in outcomes]
+    return [reason for outcomes in pool.imap(groups) for _, reason in outcomes]
 
 
 def answer_key(trace: Trace) -> str:
@@ -229,23 +337,34 @@ def _brief(scores: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The child process of the eval stage: score one model into its folder. Exits non-zero (with the traceback on
-    stderr) when scoring fails; the stage turns that into an error naming the model."""
+    """The child process of the eval stage: score jobs of one engine into their folders. Exits non-zero (with the
+    traceback on stderr) when scoring fails; the stage turns that into an error naming the jobs."""
     parser = argparse.ArgumentParser(prog="python -m distill.scoring", description=main.__doc__)
     parser.add_argument("--recipe", type=Path, required=True, help="the resolved recipe as JSON")
-    parser.add_argument("--label", required=True, help="the model's name in the results: student, base")
     parser.add_argument("--model", required=True, help="the model folder (or hub id) to serve")
-    parser.add_argument("--out", type=Path, required=True, help="the model's results folder")
+    parser.add_argument("--seed", type=int, help="engine seed instead of eval.engine's (a repeated run)")
+    parser.add_argument(
+        "--job",
+        action="append",
+        required=True,
+        metavar="LABEL[:BUDGET]",
+        help="a label to score into OUT/LABEL, with at most BUDGET thinking tokens when given (repeatable)",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="the folder of the jobs' folders")
     parser.add_argument("--log-level", type=int, default=logging.INFO, help="the stage's log level (20: INFO)")
     args = parser.parse_args(argv)
+    jobs = {}
+    for spec in args.job:
+        label, _, budget = spec.partition(":")
+        jobs[label] = Job(args.model, seed=args.seed, thinking_budget=int(budget) if budget else None)
     logging.basicConfig(
         level=args.log_level,
-        format=f"%(asctime)s %(levelname)s %(name)s [{args.label}]: %(message)s",
+        format=f"%(asctime)s %(levelname)s %(name)s [{next(iter(jobs))}]: %(message)s",
         datefmt="%H:%M:%S",
     )
     recipe = Recipe.model_validate(files.read_json(args.recipe))
     benchmarks = [load_source(source) for source in recipe.eval.benchmarks]
-    score_model(recipe, args.model, benchmarks, label=args.label, out=args.out)
+    score_jobs(recipe, jobs, benchmarks, out=args.out)
     return 0
 
 

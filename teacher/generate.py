@@ -50,10 +50,15 @@ def stream_traces(
     """Generate `teacher.sampling["n"]` traces per problem with `teacher.backend`, handing finished problems to
     `on_done` in completion order (not input order), each as its n traces sorted by sample index. Problems whose
     prompt is too long are skipped and counted in `stats.skipped` / `stats.skipped_ids`. `llm`: a loaded
-    `vllm.LLM` to reuse (vllm backend only). `prompts`: per-source templates (`distill.prompts.source_prompts`)."""
+    `vllm.LLM` to reuse (vllm backend only). `prompts`: per-source templates (`distill.prompts.source_prompts`).
+    With `teacher.thinking_budget`, each sample's thinking is capped (`teacher.budget`)."""
     if teacher.prompt is not None:
         check_template(teacher.prompt)
-    if teacher.backend == "vllm":
+    if teacher.backend == "vllm" and teacher.thinking_budget is not None:
+        from teacher.budget import generate_budgeted
+
+        generate_budgeted(problems, teacher=teacher, stats=stats, on_done=on_done, llm=llm, prompts=prompts)
+    elif teacher.backend == "vllm":
         from teacher.offline import generate_offline
 
         generate_offline(problems, teacher=teacher, stats=stats, on_done=on_done, llm=llm, prompts=prompts)

@@ -83,9 +83,10 @@ def make_trace(
     latency_s: float,
     reported_model: str | None = None,
     system_fingerprint: str | None = None,
+    thinking_tokens: int | None = None,
 ) -> Trace:
     """One normalised row: the problem's fields, what the teacher saw and said, and what it cost. An endpoint passes
-    the model and fingerprint it reported (offline vLLM has none)."""
+    the model and fingerprint it reported (offline vLLM has none); budget forcing, the thinking tokens it counted."""
     reasoning, final = split_reasoning(completion)
     return Trace(
         **{f.name: getattr(problem, f.name) for f in dataclasses.fields(Problem)},  # shallow: n traces share them
@@ -102,4 +103,5 @@ def make_trace(
         latency_s=round(latency_s, 4),
         reported_model=reported_model,
         system_fingerprint=system_fingerprint,
+        thinking_tokens=thinking_tokens,
     )

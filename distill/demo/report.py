@@ -6,12 +6,10 @@ the report shows what the runs measured and can be rewritten at any time without
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
-from distill import files
-from distill.demo import budget
+from distill import eval_report, files, intervals
 from distill.errors import DistillError
 from distill.filter.report import funnel_table
 from distill.manifest import read_manifest
@@ -42,12 +40,12 @@ def scores(recipe: Recipe, variants: dict[str, Recipe], *, runs_dir: Path) -> di
     for key in (*(k for k, _ in ROWS), "teacher", *(k for k, _ in BUDGET_ROWS)):
         run_dir, label = _scored(recipe, variants, key, runs_dir=runs_dir)
         result = _results(run_dir)[label]
-        rates = budget.pass_rates(run_dir / "eval", label)
+        rates = intervals.pass_rates(run_dir / "eval" / "samples.jsonl", label)
         out[key] = {
             "model": result["model"],
             **result["overall"],
             "rates": rates,
-            "interval": budget.interval(list(rates.values())),
+            "interval": intervals.Estimate(**result["overall"]["interval"]),
         }
     return out
 
@@ -80,6 +78,7 @@ def write_report(
         [
             *_headline(recipe, table, rows, prepared),
             *_teacher(table, funnel, recipe),
+            *_thinking_budget(recipe, variants, runs_dir=runs_dir),
             *_budget(recipe, variants, table, runs_dir=runs_dir),
             *_funnel(funnel),
             *_lengths(lengths),
@@ -108,8 +107,16 @@ def _pct(value: float | None) -> str:
 
 
 def _span(row: dict[str, Any]) -> str:
-    _, low, high = row["interval"]
-    return f"{100 * low:.1f}–{100 * high:.1f}"
+    return f"{100 * row['interval'].low:.1f}–{100 * row['interval'].high:.1f}"
+
+
+def _token_use(row: dict[str, Any]) -> str:
+    """Mean thinking tokens of correct / wrong samples and the share cut by max_tokens (`distill.eval_record`)."""
+    used = row.get("tokens")
+    if not used:
+        return "–"
+    means = [f"{used[kind]['mean']:.0f}" if used[kind]["samples"] else "–" for kind in ("correct", "wrong")]
+    return f"{means[0]} / {means[1]} ({_pct(used['cut_by_max_tokens'])}%)"
 
 
 def _headline(recipe: Recipe, table: dict[str, dict[str, Any]], rows: dict[str, Any], prepared: dict[str, Any]):
@@ -122,13 +129,14 @@ def _headline(recipe: Recipe, table: dict[str, dict[str, Any]], rows: dict[str, 
         f"Held-out problems: {problems} (never seen by teacher or students), {k} samples each at temperature "
         f"{recipe.eval.sampling.get('temperature')}; accuracy = pass@1 (mean over samples), in %.",
         "",
-        f"| student | accuracy (pass@1) | 95% interval | {maj} | training rows |",
-        "|---|---:|---:|---:|---:|",
+        f"| student | accuracy (pass@1) | 95% interval | {maj} | thinking tokens: correct / wrong (cut) "
+        "| training rows |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for key, label in ROWS:
         lines.append(
             f"| {label} | {_pct(table[key]['pass@1'])} | {_span(table[key])} | {_pct(table[key].get(maj))} | "
-            f"{rows.get(key) if rows.get(key) is not None else '–'} |"
+            f"{_token_use(table[key])} | {rows.get(key) if rows.get(key) is not None else '–'} |"
         )
     others = max(table[key]["pass@1"] for key, _ in ROWS if key != "distill")
     margin = table["distill"]["pass@1"] - others
@@ -176,6 +184,34 @@ def _teacher(table: dict[str, dict[str, Any]], funnel: dict[str, Any], recipe: R
     return [*lines, ""]
 
 
+def _thinking_budget(recipe: Recipe, variants: dict[str, Recipe], *, runs_dir: Path) -> list[str]:
+    """The accuracy-vs-thinking-tokens curve of the distill student and the teacher (`eval.thinking_budgets`)."""
+    curves = {
+        name: _results(runs_dir / run).get("budgets", {}).get("student")
+        for name, run in (("distill student", recipe.name), ("teacher", variants["teacher"].name))
+    }
+    curves = {name: curve for name, curve in curves.items() if curve}
+    if not curves:
+        return []
+    eval_report.budget_chart(curves, runs_dir / recipe.name / "thinking-budget.png")
+    lines = [
+        "## Thinking budget",
+        "",
+        "s1's budget forcing: each sample may think for at most B tokens; at B its `</think>` is forced and it "
+        "writes its answer (vLLM continues the sample by token ids; nothing is cut from text). `none`: no budget.",
+        "",
+        "| model | budget | pass@1 (95% interval) | mean thinking tokens | cut by max_tokens |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, curve in curves.items():
+        for point in curve:
+            lines.append(
+                f"| {name} | {point['budget'] or 'none'} | {intervals.percent(point['interval'])} | "
+                f"{point['thinking_tokens_mean']:.0f} | {_pct(point['cut_by_max_tokens'])}% |"
+            )
+    return [*lines, "", "![accuracy vs thinking budget](thinking-budget.png)", ""]
+
+
 def _budget(
     recipe: Recipe, variants: dict[str, Recipe], table: dict[str, dict[str, Any]], *, runs_dir: Path
 ) -> list[str]:
@@ -218,11 +254,11 @@ def _budget(
         "on-policy minus its SFT start": ("few", "few_sft"),
         "on-policy minus SFT at the same teacher tokens": ("few", "more"),
     }.items():
-        mean, low, high = budget.paired(table[a]["rates"], table[b]["rates"])
-        verdict = "excludes zero" if low > 0 or high < 0 else "includes zero: no difference shown"
+        difference = intervals.paired(table[a]["rates"], table[b]["rates"])
+        verdict = "excludes zero" if difference.excludes_zero() else "includes zero: no difference shown"
         lines.append(
-            f"- {name}: {100 * mean:+.1f} points, 95% interval {100 * low:+.1f} to {100 * high:+.1f} "
-            f"(paired over problems; {verdict})"
+            f"- {name}: {intervals.percent(difference, signed=True)} points (95% interval, paired over "
+            f"{difference.problems} problems; {verdict})"
         )
     return [*lines, ""]
 
@@ -308,8 +344,8 @@ def _accuracy_chart(table: dict[str, dict[str, Any]], path: Path) -> None:
     ]
     values = [100 * table[key]["pass@1"] for key in keys]
     errors = [
-        [100 * (table[k]["pass@1"] - table[k]["interval"][1]) for k in keys],
-        [100 * (table[k]["interval"][2] - table[k]["pass@1"]) for k in keys],
+        [100 * (table[k]["pass@1"] - table[k]["interval"].low) for k in keys],
+        [100 * (table[k]["interval"].high - table[k]["pass@1"]) for k in keys],
     ]
     fig, ax = plt.subplots(figsize=(9, 3.8))
     colors = ["#999999", "#c98b3a", "#b5534b", "#4c8c4a", "#3b6ea5", "#8a8a5c", "#7b5ea7", "#4c8c4a"]
@@ -319,7 +355,7 @@ def _accuracy_chart(table: dict[str, dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("held-out pass@1 (%)")
     ax.set_ylim(0, 105)
     ax.set_title("held-out accuracy")
-    _png(fig, path)
+    files.write_png(fig, path)
     plt.close(fig)
 
 
@@ -338,12 +374,5 @@ def _length_chart(lengths: dict[str, list[int]], path: Path) -> None:
     ax.set_xlabel("completion tokens")
     ax.set_ylabel("teacher traces")
     ax.legend()
-    _png(fig, path)
+    files.write_png(fig, path)
     plt.close(fig)
-
-
-def _png(fig: Any, path: Path) -> None:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    with files.atomic_open(path, "wb") as handle:
-        handle.write(buffer.getvalue())

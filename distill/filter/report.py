@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from array import array
 from collections import Counter
 from dataclasses import dataclass, field
@@ -104,13 +103,6 @@ def funnel_markdown(funnel: dict[str, Any]) -> str:
     return "\n".join(header + funnel_table(funnel) + by_source) + "\n"
 
 
-def _png(fig: Any, path: Path) -> None:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    with files.atomic_open(path, "wb") as handle:
-        handle.write(buffer.getvalue())
-
-
 def funnel_chart(funnel: dict[str, Any], path: Path) -> None:
     """Horizontal bars per step: kept, then one stacked segment per drop reason."""
     import matplotlib
@@ -132,7 +124,7 @@ def funnel_chart(funnel: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("traces")
     ax.set_title(f"filter funnel: {funnel['in']} in, {funnel['out']} kept")
     ax.legend(fontsize=7, loc="lower right")
-    _png(fig, path)
+    files.write_png(fig, path)
     plt.close(fig)
 
 
@@ -150,5 +142,5 @@ def length_histograms(tokens: array, chars: array, path: Path) -> None:
         ax.set_xlabel(label)
         ax.set_ylabel("kept traces")
     fig.suptitle(f"lengths of {len(tokens)} kept traces")
-    _png(fig, path)
+    files.write_png(fig, path)
     plt.close(fig)
