@@ -147,7 +147,7 @@ def _paired_lines(paired: dict[str, Any]) -> list[str]:
     lines += ["| difference | benchmark | problems | mean (95% interval) | excludes zero |", "|---|---|---|---|---|"]
     for name, block in paired.items():
         for benchmark, diff in [*block["benchmarks"].items(), ("overall", block["overall"])]:
-            excludes = diff["low"] > 0 or diff["high"] < 0
+            excludes = intervals.Estimate(**diff).excludes_zero()
             lines.append(
                 f"| {name} | {benchmark} | {diff['problems']} | {intervals.percent(diff, signed=True)} | "
                 f"{'yes' if excludes else 'no'} |"
@@ -173,13 +173,19 @@ def _repeat_lines(repeats: dict[str, Any]) -> list[str]:
 def _budget_lines(budgets: dict[str, Any]) -> list[str]:
     if not budgets:
         return []
-    lines = ["", "Thinking budget (s1 budget forcing; `none`: unbudgeted), overall ([chart](budgets.png)):", ""]
-    lines += ["| model | budget | pass@1 (95% interval) | mean thinking tokens | cut |", "|---|---|---|---|---|"]
+    intro = ["", "Thinking budget (s1 budget forcing; `none`: unbudgeted), overall ([chart](budgets.png)):", ""]
+    return intro + budget_table(budgets)
+
+
+def budget_table(budgets: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The budget curves as Markdown rows (results.md and the demo report)."""
+    lines = ["| model | budget | pass@1 (95% interval) | mean thinking tokens | cut by max_tokens |"]
+    lines.append("|---|---|---|---|---|")
     for label, curve in budgets.items():
         for point in curve:
             lines.append(
                 f"| {label} | {point['budget'] or 'none'} | {intervals.percent(point['interval'])} | "
-                f"{point['thinking_tokens_mean']:.1f} | {100 * point['cut_by_max_tokens']:.1f} |"
+                f"{point['thinking_tokens_mean']:.1f} | {100 * point['cut_by_max_tokens']:.1f}% |"
             )
     return lines
 

@@ -270,7 +270,7 @@ def _eval_table(results: dict[str, Any]) -> list[str]:
         lines.append(f"| {name} | {scores.get('problems', '')} | " + " | ".join(cells) + f" | {span} |")
     for name, block in results.get("paired", {}).items():
         overall = block["overall"]
-        verdict = "excludes zero" if overall["low"] > 0 or overall["high"] < 0 else "includes zero"
+        verdict = "excludes zero" if intervals.Estimate(**overall).excludes_zero() else "includes zero"
         lines += ["", f"Paired difference `{name}` over {overall['problems']} problems: "
                   f"{intervals.percent(overall, signed=True)} points ({verdict})."]  # fmt: skip
     return [*lines, ""]

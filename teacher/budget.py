@@ -27,7 +27,7 @@ from typing import Any
 from distill.prompts import Prompts
 from distill.records import THINK_CLOSE, Problem, Trace
 from distill.schema import Teacher, ThinkingBudget
-from teacher.offline import _take, _tokenised, serving
+from teacher.offline import serving, take, tokenised
 from teacher.traces import GenerationStats, OnDone, make_trace
 
 CHUNK = 256  # problems in flight at once: n samples each, all phases
@@ -73,10 +73,10 @@ def generate_budgeted(
             return generate_budgeted(problems, teacher=teacher, stats=stats, on_done=on_done, llm=own, prompts=prompts)
     tokenizer = llm.get_tokenizer()
     max_len = llm.llm_engine.model_config.max_model_len
-    queue = _tokenised(problems, teacher=teacher, tokenizer=tokenizer, max_len=max_len, stats=stats, prompts=prompts)
+    queue = tokenised(problems, teacher=teacher, tokenizer=tokenizer, max_len=max_len, stats=stats, prompts=prompts)
     phases = _Phases(llm, teacher=teacher, budget=teacher.thinking_budget, tokenizer=tokenizer, max_len=max_len)
     stats.restart_clock()
-    while chunk := _take(queue, CHUNK):
+    while chunk := take(queue, CHUNK):
         finished = phases.run(chunk)
         for traces in finished:
             stats.add(traces)

@@ -87,7 +87,7 @@ def generate_offline(
     config = engine.vllm_config
     capacity = config.scheduler_config.max_num_seqs * config.parallel_config.data_parallel_size
     queue_limit = max(1, QUEUE_FACTOR * capacity // params.n)
-    prompts = _tokenised(
+    prompts = tokenised(
         problems,
         teacher=teacher,
         tokenizer=llm.get_tokenizer(),
@@ -99,7 +99,7 @@ def generate_offline(
     stats.restart_clock()
     submitted = 0  # request ids are positions, so repeated problems in the input stay distinct
     while True:
-        for problem, chat, token_ids in _take(prompts, queue_limit - len(in_flight)):
+        for problem, chat, token_ids in take(prompts, queue_limit - len(in_flight)):
             # A plain TokensPrompt works from vLLM 0.11 to 0.32 (0.32 logs that raw prompts are deprecated in favour
             # of its Renderer's outputs); move to the Renderer once the oldest supported vLLM has it.
             engine.add_request(str(submitted), {"prompt_token_ids": token_ids}, params)
@@ -116,7 +116,7 @@ def generate_offline(
             on_done(finished)
 
 
-def _tokenised(
+def tokenised(
     problems: Sequence[Problem],
     *,
     teacher: Teacher,
@@ -142,7 +142,7 @@ def _tokenised(
         yield problem, chat, token_ids
 
 
-def _take(items: Iterator[Any], count: int) -> list[Any]:
+def take(items: Iterator[Any], count: int) -> list[Any]:
     taken: list[Any] = []
     if count <= 0:
         return taken

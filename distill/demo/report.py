@@ -200,15 +200,8 @@ def _thinking_budget(recipe: Recipe, variants: dict[str, Recipe], *, runs_dir: P
         "s1's budget forcing: each sample may think for at most B tokens; at B its `</think>` is forced and it "
         "writes its answer (vLLM continues the sample by token ids; nothing is cut from text). `none`: no budget.",
         "",
-        "| model | budget | pass@1 (95% interval) | mean thinking tokens | cut by max_tokens |",
-        "|---|---:|---:|---:|---:|",
+        *eval_report.budget_table(curves),
     ]
-    for name, curve in curves.items():
-        for point in curve:
-            lines.append(
-                f"| {name} | {point['budget'] or 'none'} | {intervals.percent(point['interval'])} | "
-                f"{point['thinking_tokens_mean']:.0f} | {_pct(point['cut_by_max_tokens'])}% |"
-            )
     return [*lines, "", "![accuracy vs thinking budget](thinking-budget.png)", ""]
 
 
