@@ -139,6 +139,3 @@ class Mixture(Section):
         "largest mixture the sources allow at exactly these weights. Each source gives its first problems (file "
         "order, or after its `seed` shuffle).",
     )
-
-
-# Request fields distill fills from the recipe's own keys (OWN_FIELDS_FROM), so `endpoint.extra_body` must not.
