@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from distill import pipeline
-from distill.errors import DistillError, RecipeError, StageNotBuilt
+from distill.errors import DistillError, RecipeError
 from distill.recipe import dump_recipe, load_recipe
 from distill.schema import Recipe
 
@@ -155,26 +155,17 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def verify(args: argparse.Namespace) -> int:
-    """Standalone verifier (issue #4): implemented in distill.filter.standalone."""
-    standalone = _optional("distill.filter.standalone", "verify", issue=4)
+    """Standalone verifier of any trace file (distill.filter.standalone)."""
+    from distill.filter import standalone
+
     return standalone.main(args)
 
 
 def merge(args: argparse.Namespace) -> int:
-    """Fold a LoRA adapter into its base (issue #5): implemented in student.merge."""
-    student_merge = _optional("student.merge", "merge", issue=5)
+    """Fold a LoRA adapter into its base (student.merge)."""
+    from student import merge as student_merge
+
     return student_merge.main(args)
-
-
-def _optional(module: str, command: str, *, issue: int):
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name and module.startswith(exc.name):
-            raise StageNotBuilt(f"`distill {command}` is not built yet (tracked in issue #{issue})") from None
-        raise
 
 
 def _summary(counts: dict) -> str:

@@ -11,7 +11,3 @@ class RecipeError(DistillError):
 
 class DataError(DistillError):
     """A data file is unreadable or does not match its spec (file:line, or the missing column)."""
-
-
-class StageNotBuilt(DistillError):
-    """The stage exists in the pipeline contract but its implementation has not landed yet."""

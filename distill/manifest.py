@@ -80,6 +80,9 @@ class Manifest:
     recipe: str  # recipe name
     section_hash: str  # hash of the recipe sections the stage read
     input_hash: str  # hash of the stage's input (upstream output_hash, or the problems for `generate`)
+    # what input_hash was made of: upstream stage -> its output_hash, and "problems" -> the problems' content hash
+    # (so `distill status` can judge staleness from manifests without loading a dataset)
+    inputs: dict[str, str] = field(default_factory=dict)
     output_hash: str  # content hash of the stage directory (all files but the manifest)
     counts: dict[str, Any]
     started_at: str
@@ -94,11 +97,6 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    @property
-    def fingerprint(self) -> str:
-        """Identity of this stage's output as consumed downstream (what `input_hash` of the next stage holds)."""
-        return self.output_hash
 
 
 def write_manifest(stage_dir: Path, manifest: Manifest) -> None:

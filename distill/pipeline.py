@@ -27,7 +27,7 @@ from types import ModuleType
 from typing import Any
 
 from distill import files, superseded
-from distill.errors import DistillError, StageNotBuilt
+from distill.errors import DistillError
 from distill.manifest import Manifest, canonical_hash, read_manifest, write_manifest
 from distill.recipe import section
 from distill.schema import Recipe
@@ -43,7 +43,6 @@ class Stage:
     sections: tuple[str, ...]  # dotted recipe paths the stage reads: their hash decides staleness
     upstream: tuple[str, ...]  # stages whose outputs it reads
     needs: str  # recipe section that must be present for the stage to be configured
-    issue: int  # where its implementation is tracked, for "not built yet"
     reads: Callable[[Recipe, StageOptions], tuple[str, ...]] | None = None  # upstream actually read, if it varies
     operational: tuple[str, ...] = ()  # dotted paths inside `sections` that change how, not what: not hashed
     problems: bool = False  # reads the recipe's problems: their content (module.input_hash) is part of its input
@@ -100,19 +99,17 @@ STAGES: dict[str, Stage] = {
             ("data", "mixture", "teacher"),
             (),
             "teacher",
-            3,
             operational=ENDPOINT_HOW,
             problems=True,
         ),
-        Stage("filter", "distill.filter", ("filter", "student.model"), ("generate",), "filter", 4),
-        Stage("train", "student.train", ("student",), ("filter",), "student", 5),
+        Stage("filter", "distill.filter", ("filter", "student.model"), ("generate",), "filter"),
+        Stage("train", "student.train", ("student",), ("filter",), "student"),
         Stage(
             "onpolicy",
             "student.onpolicy",
             ("onpolicy", "data", "teacher.model", "teacher.prompt", "teacher.system_prompt", "teacher.think_prefix"),
             ("train",),
             "onpolicy",
-            13,
             problems=True,
         ),
         Stage(
@@ -121,7 +118,6 @@ STAGES: dict[str, Stage] = {
             ("eval", "student.model", "teacher.prompt", "teacher.think_prefix"),
             ("train", "onpolicy"),
             "eval",
-            6,
             reads=_eval_reads,
         ),
         Stage(
@@ -130,7 +126,6 @@ STAGES: dict[str, Stage] = {
             ("hub",),
             ("filter", "train", "onpolicy", "eval"),
             "hub",
-            6,
             reads=_push_reads,
             sends=True,
         ),
@@ -172,12 +167,7 @@ class StageReport:
 
 
 def stage_module(stage: Stage) -> ModuleType:
-    try:
-        return importlib.import_module(stage.module)
-    except ModuleNotFoundError as exc:
-        if exc.name and stage.module.startswith(exc.name):
-            raise StageNotBuilt(f"stage {stage.name!r} is not built yet (tracked in issue #{stage.issue})") from None
-        raise
+    return importlib.import_module(stage.module)
 
 
 def configured(recipe: Recipe, stage: Stage) -> bool:
@@ -198,8 +188,18 @@ def section_hash(recipe: Recipe, stage: Stage, options: StageOptions) -> str:
 
 
 def input_hash(recipe: Recipe, stage: Stage, run_dir: Path, options: StageOptions) -> tuple[str, dict[str, Path]]:
-    """Hash of the finished upstream outputs this stage reads, and their directories. Unconfigured upstream stages
-    are skipped; a configured one that has not finished is an error that says which command to run."""
+    """Hash of the finished upstream outputs this stage reads (and of its problems' content), and the upstream
+    directories."""
+    parts, inputs = input_parts(recipe, stage, run_dir, options, problems=True)
+    return canonical_hash(parts), inputs
+
+
+def input_parts(
+    recipe: Recipe, stage: Stage, run_dir: Path, options: StageOptions, *, problems: bool
+) -> tuple[dict[str, str], dict[str, Path]]:
+    """The output hashes of the finished upstream stages this stage reads (with `problems`, also the content hash
+    of the problems it reads, if any), and their directories. Unconfigured upstream stages are skipped; a
+    configured one that has not finished is an error naming the command to run."""
     hashes, inputs = {}, {}
     for name in stage.upstream_read(recipe, options):
         upstream = STAGES[name]
@@ -210,9 +210,9 @@ def input_hash(recipe: Recipe, stage: Stage, run_dir: Path, options: StageOption
             raise DistillError(f"stage {stage.name} needs the output of {name}: run `distill {name}` first")
         hashes[name] = manifest.output_hash
         inputs[name] = run_dir / name
-    if stage.problems:
+    if problems and stage.problems:
         hashes["problems"] = stage_module(stage).input_hash(recipe)
-    return canonical_hash(hashes), inputs
+    return hashes, inputs
 
 
 def _state(recipe: Recipe, stage: Stage, run_dir: Path, manifest: Manifest | None) -> str:
@@ -224,15 +224,20 @@ def _state(recipe: Recipe, stage: Stage, run_dir: Path, manifest: Manifest | Non
     if manifest.section_hash != section_hash(recipe, stage, StageOptions()):
         return "stale"
     try:
-        current_input, _ = input_hash(recipe, stage, run_dir, StageOptions())
+        parts, _ = input_parts(recipe, stage, run_dir, StageOptions(), problems=False)
     except DistillError:
         return "stale"
-    return "done" if current_input == manifest.input_hash else "stale"
+    if stage.problems:  # judged by the manifest: a dataset is loaded (and re-hashed) only when the stage runs
+        if "problems" not in manifest.inputs:  # written before manifests listed their inputs
+            return "done" if input_hash(recipe, stage, run_dir, StageOptions())[0] == manifest.input_hash else "stale"
+        parts["problems"] = manifest.inputs["problems"]
+    return "done" if canonical_hash(parts) == manifest.input_hash else "stale"
 
 
 def status(recipe: Recipe, *, runs_dir: Path) -> list[dict[str, Any]]:
     """One row per stage: done / stale / missing / partial / not configured, with counts, finish time and the
-    superseded outputs kept for it (count and size, so `distill gc` is not a surprise)."""
+    superseded outputs kept for it (count and size, so `distill gc` is not a surprise). Read from manifests: a
+    changed recipe or upstream output shows as stale; changed contents of a dataset file only when a stage runs."""
     run_dir = runs_dir / recipe.name
     kept = superseded.summary(run_dir)
     rows = []
@@ -263,7 +268,8 @@ def run_stage(
     run_dir = runs_dir / recipe.name
     out_dir = run_dir / name
     sections = section_hash(recipe, stage, options)
-    inputs_hash, inputs = input_hash(recipe, stage, run_dir, options)
+    parts, inputs = input_parts(recipe, stage, run_dir, options, problems=True)
+    inputs_hash = canonical_hash(parts)
     previous = read_manifest(out_dir)
     if previous and not force and (previous.section_hash, previous.input_hash) == (sections, inputs_hash):
         log.info("%s: cached (manifest matches: section %s, input %s)", name, sections[:12], inputs_hash[:12])
@@ -302,6 +308,7 @@ def run_stage(
         recipe=recipe.name,
         section_hash=sections,
         input_hash=inputs_hash,
+        inputs=parts,
         output_hash=files.sha256_tree(work_dir),
         counts=report.counts,
         started_at=started,

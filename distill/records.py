@@ -5,7 +5,8 @@ any stage's output as is. Field names here are the contract; change them only wi
 
 - `Problem`: one problem from a data source, with a stable `id` (hash of source + problem text).
 - `Trace`: one teacher sample for a problem: the problem's fields plus what the teacher saw and said.
-- `Verdict`: the filter's judgement of one trace (`reason` is `ok` when correct).
+- `verdict`: the mapping `{correct, reason}` the filter and eval attach to a trace row (`reason` is `ok` when
+  correct; `correct` is null for a trace that was not verified).
 """
 
 from __future__ import annotations
@@ -78,14 +79,6 @@ class Trace(Problem):
     @classmethod
     def from_dict(cls, row: dict[str, Any], *, where: str) -> Trace:
         return _from_dict(cls, row, where=where)
-
-
-@dataclass(kw_only=True)
-class Verdict:
-    """The filter's judgement. `correct` is None when the trace was not verified (kind `none`)."""
-
-    correct: bool | None
-    reason: str
 
 
 def split_reasoning(completion: str) -> tuple[str, str]:

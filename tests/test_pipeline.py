@@ -109,6 +109,17 @@ def test_pipeline_status_table(toy):
     assert [r["state"] for r in pipeline.status(recipe, runs_dir=tmp / "runs")] == ["done", "done"]
 
 
+def test_status_reads_manifests_not_datasets(toy):
+    """The manifest lists what its input hash was made of, so status judges from it without loading the data."""
+    tmp, recipe_path, data = toy
+    recipe = load_recipe(recipe_path)
+    made = run_all(recipe_path, tmp / "runs")
+    assert made["make"].inputs == {"problems": toystage.input_hash(recipe)}
+    assert made["count"].inputs == {"make": made["make"].output_hash}
+    data.unlink()  # loading it now would fail: status must not need it
+    assert [r["state"] for r in pipeline.status(recipe, runs_dir=tmp / "runs")] == ["done", "done"]
+
+
 def test_pipeline_downstream_needs_upstream_output(toy):
     tmp, recipe_path, _ = toy
     with pytest.raises(pipeline.DistillError, match="stage count needs the output of make: run `distill make` first"):
@@ -192,8 +203,8 @@ def test_pipeline_options_only_fingerprint_the_stage_they_change(toy):
     recipe = load_recipe(recipe_path)
     plain, dry = pipeline.StageOptions(), pipeline.StageOptions(dry_run=True, model="m")
     for name in ("generate", "filter", "train"):
-        stage = pipeline.Stage(name, "x", ("data",), (), "filter", 0)
+        stage = pipeline.Stage(name, "x", ("data",), (), "filter")
         assert pipeline.section_hash(recipe, stage, plain) == pipeline.section_hash(recipe, stage, dry)
     for name in ("eval", "push"):
-        stage = pipeline.Stage(name, "x", ("data",), (), "filter", 0)
+        stage = pipeline.Stage(name, "x", ("data",), (), "filter")
         assert pipeline.section_hash(recipe, stage, plain) != pipeline.section_hash(recipe, stage, dry)

@@ -177,7 +177,7 @@ def test_kill_between_the_two_renames_of_a_swap_loses_nothing(toy, monkeypatch):
 def test_sharded_stage_restores_once_and_every_shard_sees_it_cached(tmp_path, monkeypatch):
     (tmp_path / "toyshard.py").write_text(SHARDED)
     monkeypatch.syspath_prepend(str(tmp_path))
-    stage = pipeline.Stage("make", "toyshard", ("data",), (), "filter", 0, problems=True)
+    stage = pipeline.Stage("make", "toyshard", ("data",), (), "filter", problems=True)
     monkeypatch.setattr(pipeline, "STAGES", {"make": stage})
     recipe_path = tmp_path / "r.yaml"
     recipe_path.write_text("name: sh\ndata: {spec: local_jsonl, path: p.jsonl}\n")

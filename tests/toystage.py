@@ -15,8 +15,8 @@ from distill.manifest import canonical_hash
 from distill.pipeline import Stage, StageReport
 
 STAGES = {
-    "make": Stage("make", "toystage", ("data",), (), "filter", 0, problems=True),
-    "count": Stage("count", "toystage_count", ("filter.dedup",), ("make",), "filter", 0),
+    "make": Stage("make", "toystage", ("data",), (), "filter", problems=True),
+    "count": Stage("count", "toystage_count", ("filter.dedup",), ("make",), "filter"),
 }
 
 
