@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import teacher as teacher_api  # light: vLLM loads only when `teacher_api.engine` starts one
 from distill import files, intervals
 from distill.data import Loaded, last_boxed, load_source
 from distill.errors import RecipeError
@@ -52,7 +53,7 @@ def score_model(
     first = next(iter(runs))
     teacher = fitted(as_teacher(recipe, model), label=first)
     # the verification workers start before the engine loads, once for every run and benchmark
-    with verify_pool(recipe) as pool, _engine(teacher) as llm:
+    with verify_pool(recipe) as pool, teacher_api.engine(teacher) as llm:
         return {
             label: _score_run(
                 recipe,
@@ -70,11 +71,6 @@ def score_model(
 def _score_run(
     recipe: Recipe, teacher: Teacher, llm: Any, benchmarks: list[Loaded], *, label: str, out: Path, pool: Any
 ) -> dict[str, Any]:
-    # Imported here, not at the top: in a child this module is `__main__`, which every verification worker (fork
-    # server) imports again before its first trace.
-    from teacher.generate import generate_traces
-    from teacher.traces import GenerationStats
-
     prompts = source_prompts(recipe.eval.benchmarks, teacher=teacher, where="eval.benchmarks")
     per_benchmark = {}
     by_kind: dict[str, Judged] = {}
@@ -83,13 +79,12 @@ def _score_run(
         record = reproducibility(teacher, llm, prompts=prompts)
         tokenizer = llm.get_tokenizer() if llm else None
         for loaded in benchmarks:
-            stats = GenerationStats()
-            traces = generate_traces(loaded.problems, teacher=teacher, stats=stats, llm=llm, prompts=prompts)
+            traces, skipped = teacher_api.sample(loaded.problems, teacher=teacher, llm=llm, prompts=prompts)
             judged = judge(loaded.problems, traces, n=teacher.sampling["n"], pool=pool, tokenizer=tokenizer)
             for row in judged.rows:
                 handle.write(files.json_line({"model": label, "benchmark": loaded.spec.name, **row}))
             scores = _scores(judged, k=recipe.eval.pass_k)
-            scores["prompt_too_long"] = len(stats.skipped_ids)
+            scores["prompt_too_long"] = skipped
             per_benchmark[loaded.spec.name] = {"kind": loaded.spec.kind, **scores}
             by_kind.setdefault(loaded.spec.kind, Judged()).extend(judged)
             log.info("%s on %s: %s", label, loaded.spec.name, _brief(scores))
@@ -179,19 +174,6 @@ def finished(out: Path, *, model: str) -> dict[str, Any] | None:
         return None
     scored = files.read_json(out / SCORES)
     return scored if scored.get("model") == model else None
-
-
-@contextlib.contextmanager
-def _engine(teacher: Teacher) -> Iterator[Any]:
-    """The `vllm.LLM` for `teacher` (None for an endpoint), shut down on the way out (`teacher.offline.serving`).
-    Only a process exit frees everything for certain, hence one child per model when the stage scores several."""
-    if teacher.backend != "vllm":
-        yield None
-        return
-    from teacher.offline import serving
-
-    with serving(teacher) as llm:
-        yield llm
 
 
 def fitted(teacher: Teacher, *, label: str) -> Teacher:

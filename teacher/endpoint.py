@@ -28,7 +28,7 @@ from distill.errors import DistillError
 from distill.prompts import Prompts, messages
 from distill.records import CUT_SHORT, Problem, Trace
 from distill.schema import Endpoint, Teacher
-from teacher.prompts import normalise_completion
+from teacher.completions import normalise_completion
 from teacher.replies import CutOff, Malformed, Reply, fetch
 from teacher.traces import GenerationStats, OnDone, make_trace
 

@@ -25,7 +25,7 @@ from distill.pipeline import StageContext, StageReport
 from distill.prompts import Prompts, check_template, resolve_template, source_prompts
 from distill.records import Problem, Trace
 from distill.schema import Recipe, Teacher
-from teacher.progress import ProgressBar
+from teacher.generation_progress import ProgressBar
 from teacher.shards import ShardStore, shard_of
 from teacher.traces import GenerationStats, OnDone
 

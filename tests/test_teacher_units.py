@@ -14,9 +14,9 @@ from distill.errors import DataError, DistillError, RecipeError
 from distill.prompts import check_template, messages, with_think_prefix
 from distill.records import Problem, Trace, problem_id, split_reasoning
 from distill.schema import Recipe, Teacher
+from teacher.completions import normalise_completion
 from teacher.generate import input_hash
-from teacher.progress import ProgressBar
-from teacher.prompts import normalise_completion
+from teacher.generation_progress import ProgressBar
 from teacher.shards import ShardStore, shard_of
 from teacher.traces import GenerationStats, make_trace
 
