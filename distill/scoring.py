@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import teacher as teacher_api  # light: vLLM loads only when `teacher_api.engine` starts one
 from distill import files, intervals
 from distill.data import Loaded, last_boxed, load_source
 from distill.errors import RecipeError
@@ -50,6 +49,8 @@ def score_model(
     benchmark, problem, sample order, each tagged with its label), then `out/scores.json`: `model`, `benchmarks`,
     `domains` (per answer kind), `overall` and the `record`. Returns those by label; the engine is shut down before
     returning."""
+    import teacher as teacher_api  # the spine imports a stage package only where it is used
+
     first = next(iter(runs))
     teacher = fitted(as_teacher(recipe, model), label=first)
     # the verification workers start before the engine loads, once for every run and benchmark
@@ -71,6 +72,8 @@ def score_model(
 def _score_run(
     recipe: Recipe, teacher: Teacher, llm: Any, benchmarks: list[Loaded], *, label: str, out: Path, pool: Any
 ) -> dict[str, Any]:
+    import teacher as teacher_api
+
     prompts = source_prompts(recipe.eval.benchmarks, teacher=teacher, where="eval.benchmarks")
     per_benchmark = {}
     by_kind: dict[str, Judged] = {}

@@ -20,8 +20,12 @@ Every trained row uses the same `student` and `eval` sections, on the same held-
 the distill run's teacher traces: its finished `generate` stage is copied into their run directories, and the
 runner accepts the copy only because its manifest matches their recipe (same `data` and `teacher` sections, same
 problems), so nothing is generated twice and nothing is trusted unchecked.
-The variant runs are separate `distill run` processes (logs beside their recipe files), two at a time, so they use
-both cores while the distill run trains; every stage is cached like any run's, so a rerun takes seconds.
+The variant runs are separate `distill run` processes (logs beside their recipe files), started together with the
+distill run's training, so both cores stay busy; every stage is cached like any run's, so a rerun takes seconds.
+The teacher's evaluation starts first, beside the generation of the traces (`start_teacher`). The answers row is
+short and leads to nothing else, so it runs at a lower priority (`FILLER_NICENESS`): the long chains (the 1200-step
+trainings, the `few` student's on-policy and `more` rows) get the cores first, and the filler uses what they leave.
+Each process is single-threaded and seeded, so the schedule changes when rows finish, never what they compute.
 """
 
 from __future__ import annotations
@@ -45,6 +49,9 @@ from distill.records import THINK_CLOSE, THINK_OPEN
 from distill.schema import Recipe
 
 log = logging.getLogger(__name__)
+# `nice` of the filler job (the answers row): at 10 the kernel gives it about a tenth of a core while the long
+# chains run, and every idle cycle after (measured in the demo report's wall time).
+FILLER_NICENESS = 10
 UNFILTERED = {  # every filter step that can be switched off is
     "verify": False,
     "truncated": False,
@@ -98,18 +105,32 @@ def variants(recipe: Recipe, *, runs_dir: Path = Path("runs")) -> dict[str, Reci
     }
 
 
-def start(recipe: Recipe, *, runs_dir: Path) -> tuple[dict[str, Recipe], list[subprocess.Popen]]:
-    """Write the variant recipes, give them the distill run's traces, and start their runs in the background.
-    Needs the distill run's generate and filter stages finished. Returns the variants and their processes."""
+def write_recipes(recipe: Recipe, *, runs_dir: Path) -> tuple[dict[str, Recipe], dict[str, Path]]:
+    """The derived recipes, written beside the distill run (`runs/<name>/ablation/<variant>.yaml`), and their paths."""
     derived = variants(recipe, runs_dir=runs_dir)
-    main_dir = runs_dir / recipe.name
-    folder = main_dir / "ablation"
-    paths = {}
+    folder = runs_dir / recipe.name / "ablation"
+    paths = {key: folder / f"{variant.name}.yaml" for key, variant in derived.items()}
     for key, variant in derived.items():
-        paths[key] = folder / f"{variant.name}.yaml"
         files.write_text(
             paths[key], f"# derived by `distill demo` from {recipe.name}: the {key} row\n" + dump_recipe(variant)
         )
+    return derived, paths
+
+
+def start_teacher(recipe: Recipe, *, runs_dir: Path) -> subprocess.Popen:
+    """Start the teacher's evaluation, which needs only the prepared teacher and the held-out problems: it runs
+    while the traces are generated, on the core that generation (one thread here) leaves idle."""
+    derived, paths = write_recipes(recipe, runs_dir=runs_dir)
+    job = [[*CLI, "eval", str(paths["teacher"]), *_common(runs_dir)]]
+    return _spawn(job, log_path=runs_dir / recipe.name / "ablation" / f"{derived['teacher'].name}.log", nice=0)
+
+
+def start(recipe: Recipe, *, runs_dir: Path) -> tuple[dict[str, Recipe], list[subprocess.Popen]]:
+    """Give the variant recipes the distill run's traces and start their runs in the background (the teacher's
+    row is `start_teacher`'s). Needs the distill run's generate and filter stages finished. Returns the variants
+    and their processes."""
+    derived, paths = write_recipes(recipe, runs_dir=runs_dir)
+    main_dir = runs_dir / recipe.name
     for key in ("answers", "unfiltered", "few", "more"):
         seed_stage(main_dir / "generate", runs_dir / derived[key].name / "generate")
     source = main_dir / "filter"
@@ -137,34 +158,55 @@ def start(recipe: Recipe, *, runs_dir: Path) -> tuple[dict[str, Recipe], list[su
                 "expected_scored_tokens": spend.expected_scored,
             },
         )
-    common = ["--runs-dir", str(runs_dir), "--no-progress"]
-    cli = [sys.executable, "-m", "distill.cli"]
     # `--dry-run` is in push's fingerprint only (`StageOptions.fingerprint`); the variants have no `hub` section, so
     # it changes nothing for them: it is passed to `distill run` as the distill run passes it, and `train` has none.
-    jobs = {  # the answers run is followed by the teacher's evaluation
-        derived["unfiltered"].name: [[*cli, "run", str(paths["unfiltered"]), "--dry-run", *common]],
-        derived["few"].name: [  # `more` continues the `few` student: once it is trained, both go on side by side
-            [*cli, "train", str(paths["few"]), *common],
+    run = [*CLI, "run", "--dry-run", *_common(runs_dir)]
+    jobs = {  # name: (commands, niceness)
+        "unfiltered": ([[*run, str(paths["unfiltered"])]], 0),
+        "few": (  # `more` continues the `few` student: once it is trained, both go on side by side
             [
-                [*cli, "run", str(paths["more"]), "--dry-run", *common],
-                [*cli, "run", str(paths["few"]), "--dry-run", *common],
+                [*CLI, "train", str(paths["few"]), *_common(runs_dir)],
+                [[*run, str(paths["more"])], [*run, str(paths["few"])]],
             ],
-        ],
-        derived["answers"].name: [
-            [*cli, "run", str(paths["answers"]), "--dry-run", *common],
-            [*cli, "eval", str(paths["teacher"]), *common],
-        ],
+            0,
+        ),
+        "answers": ([[*run, str(paths["answers"])]], FILLER_NICENESS),
     }
-    processes = []
-    for name, job in jobs.items():
-        log_path = folder / f"{name}.log"
-        script = " && ".join(_shell(command) for command in job)
-        log.info("demo: started %s (log: %s)", script, log_path)
-        with log_path.open("w", encoding="utf-8") as handle:
-            processes.append(
-                subprocess.Popen(script, shell=True, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
-            )
+    folder = main_dir / "ablation"
+    processes = [
+        _spawn(job, log_path=folder / f"{derived[key].name}.log", nice=nice) for key, (job, nice) in jobs.items()
+    ]
     return derived, processes
+
+
+CLI = [sys.executable, "-m", "distill.cli"]
+
+
+def _common(runs_dir: Path) -> list[str]:
+    return ["--runs-dir", str(runs_dir), "--no-progress"]
+
+
+def _spawn(job: list[Any], *, log_path: Path, nice: int) -> subprocess.Popen:
+    """Run `job`'s commands one after another (an item that is a list of commands runs them side by side) in a
+    shell in the background, output to `log_path`."""
+    script = " && ".join(_shell(command) for command in job)
+    log.info("demo: started %s (log: %s)", script, log_path)
+    with log_path.open("w", encoding="utf-8") as handle:
+        return subprocess.Popen(
+            script,
+            shell=True,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            preexec_fn=lambda: _own_group_at(nice),
+        )
+
+
+def _own_group_at(nice: int) -> None:
+    """In the child before it runs: its own process group (so `stop` ends all it started), in this session, at
+    `nice`. Not a new session: where the kernel groups scheduling by session (autogroup), niceness would then only
+    rank the processes inside it, not the runs against each other."""
+    os.setpgid(0, 0)
+    os.nice(nice)
 
 
 def _shell(command: list[Any]) -> str:

@@ -5,8 +5,8 @@
     distill demo ablate recipes/demo.yaml       # the comparison runs (distill.demo.ablation), then report.md
 
 `ablate` finishes the distill run first (its stages are cached when `distill run` made them), starting the
-comparison runs as soon as the traces are filtered, so they overlap its training and evaluation (two cores: they
-are separate processes). `run` is `prepare` then `ablate`.
+teacher's evaluation beside generation and the other comparison runs as soon as the traces are filtered, so they
+overlap its training and evaluation (two cores: they are separate processes). `run` is `prepare` then `ablate`.
 """
 
 from __future__ import annotations
@@ -72,10 +72,12 @@ def main(args: argparse.Namespace, *, recipe: Recipe, options: pipeline.StageOpt
     # Every stage sees the same options (`--dry-run` is part of each stage's fingerprint), as in `distill run
     # --dry-run`, so this command and that one reuse each other's finished stages.
     options = dataclasses.replace(options, dry_run=True)
-    for stage in ("generate", "filter"):  # what the ablation runs need; cached when `distill run` made them
-        pipeline.run_stage(recipe, stage, runs_dir=runs_dir, options=options)
-    derived, processes = ablation.start(recipe, runs_dir=runs_dir)
+    processes = [ablation.start_teacher(recipe, runs_dir=runs_dir)]
     try:
+        for stage in ("generate", "filter"):  # what the other ablation runs need; cached when `distill run` made them
+            pipeline.run_stage(recipe, stage, runs_dir=runs_dir, options=options)
+        derived, variant_runs = ablation.start(recipe, runs_dir=runs_dir)
+        processes += variant_runs
         pipeline.run_all(recipe, runs_dir=runs_dir, options=options)
         ablation.wait(processes)
     finally:
