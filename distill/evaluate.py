@@ -40,14 +40,10 @@ def run(recipe: Recipe, *, ctx: StageContext) -> StageReport:
     models = {STUDENT: ctx.options.model or cfg.model or str(ctx.inputs[student_stage(recipe)])}
     if cfg.compare_sft and "onpolicy" in ctx.inputs and "train" in ctx.inputs:
         models["sft"] = str(ctx.inputs["train"])
-    if cfg.compare_base:
-        if recipe.student is None:
-            raise ValueError("eval.compare_base: needs student.model (the base) in the recipe")
+    if cfg.compare_base and recipe.student is not None:  # the schema requires student with compare_base
         models["base"] = recipe.student.model
     models = {label: servable(model, scratch=ctx.run_dir / ".work") for label, model in models.items()}
-    benchmarks = [load_source(source) for source in cfg.benchmarks]
-    if not benchmarks:
-        raise ValueError("eval.benchmarks: name at least one benchmark dataset spec, e.g. [math500]")
+    benchmarks = [load_source(source) for source in cfg.benchmarks]  # at least one: the schema says so
     log.info(
         "eval: %s on %s, k=%d, max_tokens=%s, %d run(s), thinking budgets %s",
         ", ".join(models.values()),

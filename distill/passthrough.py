@@ -3,12 +3,13 @@
 `teacher.sampling` → `vllm.SamplingParams`, `teacher.engine` → `vllm.LLM(...)`, `student.sft` → `trl.SFTConfig`,
 `student.peft` → `peft.LoraConfig`, `onpolicy.config` → `trl.DistillationConfig`. The field names and simple types
 are read from the *installed* classes, so a typo fails at load time with "did you mean ...?" before any model or GPU
-is touched.
+is touched. `SamplingParams` values are also checked against the bounds its `_verify_args` enforces (`BOUNDS`).
 
 Importing vLLM or TRL costs 5-10 s, so the fields are read once per library version in a child process (which
 also keeps vLLM's import-time side effects out of the CLI) and cached under `$DISTILL_CACHE` (default
 `~/.cache/distill`). When the library is not installed, the section is not checked and a warning says so; the stage
-that needs the library fails clearly when it runs.
+that needs the library fails clearly when it runs. An installed library that cannot be imported is an error of each
+section it feeds (a `RecipeError` line), since its stage could not run either.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import importlib.metadata
 import inspect
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from distill import files
+from distill.errors import RecipeError
 
 log = logging.getLogger(__name__)
 SIMPLE_TYPES = ("bool", "int", "float", "str")
@@ -59,6 +62,47 @@ SERVER_DISTILLATION = Target(
     ("trl",),
 )
 TARGETS = {t.label: t for t in (SAMPLING, ENGINE, SFT, LORA, DISTILLATION, SERVER_DISTILLATION)}
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The finite numbers a field accepts: at least `low` (more than it with `low_open`), at most `high`."""
+
+    low: float
+    high: float | None = None
+    low_open: bool = False
+
+    def holds(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        return math.isfinite(value) and above and (self.high is None or value <= self.high)
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'more than' if self.low_open else 'at least'} {self.low:g}"
+        return f"a value in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+
+
+# What `vllm.SamplingParams._verify_args` refuses (vLLM 0.32), so `recipe check` says it before a model is loaded.
+# Asking the class would cost a vLLM import per check (values are not cacheable like field names);
+# tests/test_recipe_checks.py builds a real SamplingParams on each side of every bound to keep this table honest.
+# `n`'s upper limit (VLLM_MAX_N_SEQUENCES) depends on the environment of the run, so it is left to vLLM.
+BOUNDS: dict[str, dict[str, Bound]] = {
+    SAMPLING.label: {
+        "n": Bound(1),
+        "max_tokens": Bound(1),
+        "min_tokens": Bound(0),
+        "temperature": Bound(0, 2),
+        "top_p": Bound(0, 1, low_open=True),
+        "top_k": Bound(-1),  # -1 and 0 both disable it
+        "min_p": Bound(0, 1),
+        "presence_penalty": Bound(-2, 2),
+        "frequency_penalty": Bound(-2, 2),
+        "repetition_penalty": Bound(0, low_open=True),
+        "logprobs": Bound(-1),  # -1: the whole vocabulary
+        "prompt_logprobs": Bound(-1),
+        "stream_interval": Bound(1),
+    }
+}
 
 
 def installed_version(target: Target) -> str | None:
@@ -106,6 +150,19 @@ def introspect(target: Target) -> dict[str, list[str]]:
     return fields
 
 
+def introspect_installed(labels: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """`introspect` each target (by cache key); runs in the child process. Each target is read on its own, so a
+    library that fails to import spoils only the sections it feeds: {"fields": {key: ...}, "errors": {key: ...}}."""
+    out: dict[str, dict[str, Any]] = {"fields": {}, "errors": {}}
+    for key, label in labels.items():
+        try:
+            out["fields"][key] = introspect(TARGETS[label])
+        except Exception as exc:  # a broken install raises anything on import; reported per section by the parent
+            first_line = next(iter(str(exc).strip().splitlines()), "")
+            out["errors"][key] = f"{type(exc).__name__}: {first_line}"
+    return out
+
+
 def _type_hints(cls: type) -> dict[str, Any]:
     """Resolved annotations, or {} when some cannot be resolved (that only costs us type checks, never keys)."""
     try:
@@ -119,7 +176,8 @@ def _cache_path() -> Path:
 
 
 def library_fields(target: Target) -> dict[str, list[str]] | None:
-    """Fields of `target` for the installed version (cached), or None when the library is not installed."""
+    """Fields of `target` for the installed version (cached), or None when the library is not installed. Raises
+    RecipeError when the installed library cannot be imported."""
     version = installed_version(target)
     if version is None:
         return None
@@ -131,24 +189,40 @@ def library_fields(target: Target) -> dict[str, list[str]] | None:
         missing = {f"{t.label}@{installed_version(t)}": t.label for t in TARGETS.values() if installed_version(t)}
         missing = {k: label for k, label in missing.items() if k not in cache}
         code = (
-            "import json; from distill import passthrough as p;"
-            f"print(json.dumps({{k: p.introspect(p.TARGETS[v]) for k, v in {missing!r}.items()}}))"
+            f"import json; from distill import passthrough as p;print(json.dumps(p.introspect_installed({missing!r})))"
         )
         env = {**os.environ, "VLLM_LOGGING_LEVEL": "ERROR", "TRANSFORMERS_VERBOSITY": "error"}
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
-        if proc.returncode != 0:
-            raise RuntimeError(f"could not read the fields of {target.label}: {proc.stderr.strip()[-2000:]}")
-        cache.update(json.loads(proc.stdout.strip().splitlines()[-1]))
-        files.write_json(cache_file, cache)
+        if proc.returncode != 0:  # the child itself died (e.g. a crash in a library's compiled code)
+            lines = proc.stderr.strip().splitlines()
+            raise RecipeError(_unreadable(target, version, lines[-1] if lines else f"exit code {proc.returncode}"))
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        if result["fields"]:
+            cache.update(result["fields"])
+            files.write_json(cache_file, cache)
+        if key in result["errors"]:
+            raise RecipeError(_unreadable(target, version, result["errors"][key]))
     return cache[key]
 
 
+def _unreadable(target: Target, version: str, why: str) -> str:
+    return (
+        f"could not read the fields of {target.label} from the installed {version} ({why}); the stage that uses it "
+        f"would fail too: repair or reinstall {target.module.split('.')[0]}"
+    )
+
+
 def check_section(values: dict[str, Any], *, target: Target, path: str, owned: dict[str, str]) -> list[str]:
-    """Return one message per bad key in `values` (unknown, wrong simple type, or owned by a distill field)."""
-    fields = library_fields(target)
+    """Return one message per bad key in `values`: unknown, wrong simple type, out of the library's bounds, or owned
+    by a distill field. An installed library that cannot be read is one message for the whole section."""
+    try:
+        fields = library_fields(target)
+    except RecipeError as exc:
+        return [f"{path}: {exc}"]
     if fields is None:
         log.warning("%s is not installed: keys under %s were not checked", target.label.split(".")[0], path)
         return []
+    bounds = BOUNDS.get(target.label, {})
     problems = []
     for key, value in values.items():
         where = f"{path}.{key}"
@@ -163,7 +237,13 @@ def check_section(values: dict[str, Any], *, target: Target, path: str, owned: d
                 f"{where}: expected {' or '.join(fields[key])} for {target.label}, got {type(value).__name__} "
                 f"{value!r}"
             )
+        elif key in bounds and _is_number(value) and not bounds[key].holds(value):
+            problems.append(f"{where}: expected {bounds[key]} for {target.label}, got {value!r}")
     return problems
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _matches(value: Any, allowed: list[str]) -> bool:

@@ -190,8 +190,9 @@ def _describe(exc: ValidationError) -> list[str]:
             lines.append(f"{loc}: unknown key{hint}")
         elif error["type"] == "missing":
             lines.append(f"{loc}: required key is missing")
-        elif error["type"] == "value_error":  # our own validators: the message says it all
-            lines.append(f"{loc}: {error['msg'].removeprefix('Value error, ')}")
+        elif error["type"] == "value_error":  # our own validators: the message says it all, one problem a line
+            lead = f"{loc}: " if loc else ""  # a Recipe-wide rule's message starts with its own key
+            lines += [lead + line for line in error["msg"].removeprefix("Value error, ").splitlines()]
         else:
             lines.append(f"{loc}: {error['msg']}, got {error.get('input')!r}")
     return lines

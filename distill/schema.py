@@ -132,6 +132,7 @@ class Filter(Section):
         description="Keep problems whose teacher pass rate (correct / all samples) lies in [lo, hi], a "
         "difficulty band; others count as `pass_rate_out_of_band`. Needs `verify`.",
     )
+
     truncated: bool = Field(
         True, description="Drop traces cut by max_tokens (finish_reason `length`) or without `</think>`."
     )
@@ -194,6 +195,13 @@ class Filter(Section):
 
     _names_as_sources = field_validator("decontaminate", mode="before")(lambda value: as_sources(value))
     _unweighted = field_validator("decontaminate")(lambda value: unweighted_sources(value, "decontaminate"))
+
+    @field_validator("pass_rate")
+    @classmethod
+    def _pass_rate_needs_verify(cls, value: tuple[float, float] | None, info: ValidationInfo) -> Any:
+        if value is not None and not info.data.get("verify", True):
+            raise ValueError("needs filter.verify: true (the pass rate counts verified answers)")
+        return value
 
 
 class Student(Section):
@@ -258,7 +266,9 @@ class OnPolicy(Section):
 
 
 class Eval(Section):
-    benchmarks: list[DataSource] = Field(default_factory=list, description="Benchmarks to score (dataset specs).")
+    benchmarks: list[DataSource] = Field(
+        default_factory=list, validate_default=True, description="Benchmarks to score (dataset specs)."
+    )
     model: str | None = Field(None, description="Model to evaluate; unset evaluates the train stage's output.")
     sampling: dict[str, Any] = Field(
         default_factory=lambda: dict(R1_SAMPLING),
@@ -302,6 +312,13 @@ class Eval(Section):
     _names_as_sources = field_validator("benchmarks", mode="before")(lambda value: as_sources(value))
     _unweighted = field_validator("benchmarks")(lambda value: unweighted_sources(value, "benchmarks"))
 
+    @field_validator("benchmarks")
+    @classmethod
+    def _some_benchmarks(cls, value: list[DataSource]) -> list[DataSource]:
+        if not value:
+            raise ValueError("name at least one benchmark dataset spec, e.g. [math500]")
+        return value
+
 
 class Hub(Section):
     dataset_repo: str | None = Field(None, description="Hub repo id for the filtered dataset; unset skips it.")
@@ -332,14 +349,22 @@ class Recipe(Section):
         return as_sources([value] if isinstance(value, dict | str) else value)
 
     @model_validator(mode="after")
-    def _weights(self) -> Recipe:
+    def _across_sections(self) -> Recipe:
+        """Rules that span sections, all reported at once (one line each, led by the key to change)."""
+        problems = []
         weighted = [i for i, source in enumerate(self.data) if source.weight is not None]
         if weighted and len(weighted) < len(self.data):
             unweighted = [f"data.{i} ({s.name})" for i, s in enumerate(self.data) if s.weight is None]
-            raise ValueError(
+            problems.append(
                 f"weight: set on every data source or on none; {', '.join(unweighted)} has none "
                 f"(data.{weighted[0]} has {self.data[weighted[0]].weight})"
             )
         if self.mixture.total is not None and not weighted:
-            raise ValueError("mixture.total: needs a `weight` on every data source")
+            problems.append("mixture.total: needs a `weight` on every data source")
+        if self.student is None and self.filter.max_tokens is not None:
+            problems.append("filter.max_tokens: counting needs the student's tokenizer; set student.model")
+        if self.student is None and self.eval is not None and self.eval.compare_base:
+            problems.append("eval.compare_base: needs student.model (the base to compare with) in the recipe")
+        if problems:
+            raise ValueError("\n".join(problems))
         return self

@@ -68,7 +68,8 @@ def test_recipe_collects_every_error_at_once(tmp_path):
     assert "teacher.sampling.max_tokens: expected int for vllm.SamplingParams, got str 'lots'" in text
     assert "teacher.engine.model: set by distill from teacher.model; set it there instead" in text
     assert "student.peft.lora_alfa: unknown key for peft.LoraConfig (did you mean lora_alpha?)" in text
-    assert len(lines) == 6
+    assert "eval.benchmarks: name at least one benchmark dataset spec, e.g. [math500]" in text
+    assert len(lines) == 7
 
 
 def test_recipe_wrong_type_and_missing_key(tmp_path):

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from distill import files
-from distill.errors import DataError, DistillError, RecipeError
+from distill.errors import DataError, DistillError
 from distill.filter import report
 from distill.filter.pool import VerifyPool
 from distill.filter.problems import problem_steps
@@ -81,11 +81,10 @@ class Plan:
     @classmethod
     def from_recipe(cls, recipe: Recipe) -> Plan:
         config = recipe.filter
-        if config.pass_rate is not None and not config.verify:
-            raise RecipeError("filter.pass_rate: needs filter.verify: true (the pass rate counts verified answers)")
         stats = ProblemStats(rule=config.selection, k=config.max_per_problem)
         problem = problem_steps(config)
-        trace = trace_steps(config, student_model=recipe.student.model if recipe.student else None)
+        # No student only without `max_tokens` (a schema rule), so the empty name is never loaded.
+        trace = trace_steps(config, student_model=recipe.student.model if recipe.student else "")
         chosen = selection_steps(config, stats)
         return cls(problem, trace, chosen, stats, Funnel([*problem, *trace, *chosen]), report.Breakdown())
 

@@ -160,8 +160,9 @@ class AnswerMatches(Step):
         return "unverified" if not self.verify or record["kind"] == "none" else "ok"
 
 
-def trace_steps(config: Any, *, student_model: str | None) -> list[Step]:
-    """The per-trace steps a `Filter` recipe section switches on, in their fixed order (answer check last)."""
+def trace_steps(config: Any, *, student_model: str) -> list[Step]:
+    """The per-trace steps a `Filter` recipe section switches on, in their fixed order (answer check last).
+    `student_model` is the tokenizer `max_tokens` counts with (the recipe schema requires it with `max_tokens`)."""
     steps: list[Step] = []
     if config.truncated:
         steps.append(Truncated())
@@ -170,10 +171,6 @@ def trace_steps(config: Any, *, student_model: str | None) -> list[Step]:
     if config.no_answer:
         steps.append(NoAnswer())
     if config.max_tokens is not None:
-        if not student_model:
-            from distill.errors import RecipeError
-
-            raise RecipeError("filter.max_tokens: counting needs the student's tokenizer; set student.model")
         steps.append(TooLong(model=student_model, max_tokens=config.max_tokens))
     if config.max_cjk_ratio is not None:
         steps.append(LanguageMixing(max_ratio=config.max_cjk_ratio))
