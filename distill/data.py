@@ -23,12 +23,12 @@ from pydantic import ValidationError
 
 from distill.errors import DataError, RecipeError
 from distill.records import Problem, problem_id
+from distill.shipped import SPECS
 from distill.sources import Columns, DatasetSpec, DataSource, FieldMap, Mixture
 
 __all__ = ["DataSource", "DatasetSpec", "FieldMap", "Loaded", "find_spec", "load_problems", "load_source", "load_spec"]
 
 log = logging.getLogger(__name__)
-SPEC_DIRS = (Path("datasets"), Path(__file__).resolve().parent.parent / "datasets")
 
 
 @dataclass
@@ -54,17 +54,14 @@ class Loaded:
 
 
 def find_spec(name_or_path: str) -> Path:
-    """Resolve a spec name (`math500`) or path to its YAML file; the error lists the known spec names."""
-    candidate = Path(name_or_path)
-    if candidate.suffix in (".yaml", ".yml"):
-        if candidate.is_file():
-            return candidate
+    """Resolve a spec path, or a name (`math500`) in `datasets/` of the cwd, the checkout, then the installed package
+    (`distill.shipped`); the error lists the known spec names."""
+    path = SPECS.find(name_or_path)
+    if path is not None:
+        return path
+    if Path(name_or_path).suffix in (".yaml", ".yml"):
         raise RecipeError(f"dataset spec {name_or_path}: file not found")
-    for folder in SPEC_DIRS:
-        if (folder / f"{name_or_path}.yaml").is_file():
-            return folder / f"{name_or_path}.yaml"
-    known = sorted({p.stem for folder in SPEC_DIRS if folder.is_dir() for p in folder.glob("*.yaml")})
-    raise RecipeError(f"unknown dataset spec {name_or_path!r}; known specs: {', '.join(known)}")
+    raise RecipeError(f"unknown dataset spec {name_or_path!r}; known specs: {', '.join(SPECS.names())}")
 
 
 def load_spec(spec: str | DatasetSpec) -> DatasetSpec:

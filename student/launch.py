@@ -46,10 +46,10 @@ from pathlib import Path
 from typing import Any
 
 from distill.errors import DistillError, RecipeError
+from distill.shipped import CHECKOUT, LAUNCHERS
 
 log = logging.getLogger(__name__)
-CONFIGS = Path("recipes") / "accelerate"
-REPO_CONFIGS = Path(__file__).resolve().parent.parent / CONFIGS
+REPO_CONFIGS = CHECKOUT / LAUNCHERS.folder  # the checkout's own configs; lookups go through LAUNCHERS.find
 STANDARD = "standard"  # accelerate's torchrun-style DeepSpeed launcher: one launcher per node, one world
 
 
@@ -73,12 +73,13 @@ class Launcher:
 
 
 def config_file(name: str) -> Path:
-    """`student.accelerate`: a path to an accelerate config, or a name in recipes/accelerate/ (cwd, then repo)."""
-    for path in (Path(name), CONFIGS / f"{name}.yaml", REPO_CONFIGS / f"{name}.yaml"):
-        if path.is_file():
-            return path
-    known = sorted(p.stem for p in REPO_CONFIGS.glob("*.yaml"))
-    raise RecipeError(f"student.accelerate: {name!r} is neither a file nor one of {', '.join(known)}")
+    """`student.accelerate`: a path to an accelerate config, or a name in recipes/accelerate/ of the cwd, the
+    checkout, then the installed package (`distill.shipped`)."""
+    path = LAUNCHERS.find(name)
+    if path is None:
+        known = ", ".join(LAUNCHERS.names())
+        raise RecipeError(f"student.accelerate: {name!r} is neither a file nor one of {known}")
+    return path
 
 
 def load(name: str, *, env: Mapping[str, str] = os.environ) -> Launcher:

@@ -84,6 +84,25 @@ def test_data_unknown_spec_lists_the_known_ones():
     assert "math500" in str(info.value) and "gsm8k" in str(info.value)
 
 
+def test_data_spec_lookup_order_path_then_cwd_then_checkout(tmp_path, monkeypatch):
+    """A user's own datasets/ (in the cwd) overrides a shipped spec of the same name and adds its own; other names
+    still come from the checkout (an installed wheel's copy: tests/test_packaging.py)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "datasets").mkdir()
+    own = (REPO / "datasets" / "math500.yaml").read_text().replace("MATH-500:", "My MATH-500:")
+    (tmp_path / "datasets" / "math500.yaml").write_text(own)
+    (tmp_path / "datasets" / "mine.yaml").write_text(own.replace("name: math500", "name: mine"))
+    (tmp_path / "elsewhere.yaml").write_text(own.replace("name: math500", "name: elsewhere"))
+    assert find_spec("math500").resolve() == tmp_path / "datasets" / "math500.yaml"
+    assert load_spec("math500").description.startswith("My MATH-500")
+    assert find_spec("gsm8k") == REPO / "datasets" / "gsm8k.yaml"
+    assert find_spec(str(tmp_path / "elsewhere.yaml")) == tmp_path / "elsewhere.yaml"
+    with pytest.raises(RecipeError, match=r"known specs: .*gsm8k.*mine"):
+        find_spec("math5000")
+    with pytest.raises(RecipeError, match=r"dataset spec nowhere\.yaml: file not found"):
+        find_spec("nowhere.yaml")
+
+
 def test_data_rows_not_turned_into_problems_are_counted(tmp_path):
     path = tmp_path / "p.jsonl"
     rows = [

@@ -4,7 +4,10 @@ letters, and the hard timeout. Nothing is mocked: real math-verify, real worker 
 from __future__ import annotations
 
 import json
+import logging
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -162,3 +165,33 @@ def test_filter_worker_setup_failure_fails_clearly(tmp_path: Path) -> None:
         VerifyPool(steps=steps, workers=1, timeout_s=1) as pool,
     ):
         list(pool.imap([[_item("\\boxed{3}")]]))
+
+
+def test_filter_verify_path_prints_no_math_verify_timeout_warning(tmp_path: Path) -> None:
+    """math-verify warns once per process that its own timeout is off (distill's pool owns the clock), so only a
+    fresh process shows what a user sees: `distill verify` through the fork server, workers and AnswerMatches."""
+    rows = [{"gold": "3", "out": "\\boxed{3}"}, {"gold": "\\frac{1}{2}", "out": "so \\boxed{0.4}"}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    args = ["verify", "in.jsonl", "--answer-field", "gold", "--response-field", "out", "--output", "out.jsonl"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "distill.cli", *args, "--workers", "1", "--no-progress"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Timeout is disabled" not in proc.stdout + proc.stderr
+    verdicts = [json.loads(line)["verdict"]["reason"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert verdicts == ["ok", "wrong_answer"]  # math-verify really ran
+
+
+def test_filter_silences_only_math_verify_timeout_warning(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="math_verify")
+    for name in ("math_verify.parser", "math_verify.grader"):
+        logging.getLogger(name).warning("Timeout is disabled as parsing_timeout is None or <= 0, you must provide")
+        logging.getLogger(name).warning("Failed to parse gold: %s", name)
+    assert [r.getMessage() for r in caplog.records] == [
+        "Failed to parse gold: math_verify.parser",
+        "Failed to parse gold: math_verify.grader",
+    ]

@@ -13,6 +13,7 @@ open-r1 #557). math-verify's own `signal.alarm` timeouts are switched off here: 
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import OrderedDict
 from typing import Any
@@ -26,6 +27,26 @@ _GOLD_CACHE: OrderedDict[tuple[str, str], Any] = OrderedDict()
 _GOLD_CACHE_SIZE = 4096  # problems: a worker sees a problem's samples together, so a small cache is enough
 _FENCE = re.compile(r"```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)```", re.DOTALL)
 _ANSWER_LETTER = re.compile(r"answer\s*(?:is|:)?\s*[:\s]*\(?\**\s*([A-Z])\b", re.IGNORECASE)
+
+
+class _OwnTimeout(logging.Filter):
+    """Drops math-verify's "Timeout is disabled ... provide the logic for timeout interruption yourself" warning,
+    which `parse` and `verify` log once per process when their timeout is None. distill passes None on purpose and
+    interrupts checks itself (`distill.filter.pool`), so the warning only told every user of the filter and of
+    `distill verify` to do what is already done. Every other math-verify record passes. math-verify 0.9.0 has no
+    option for it (a positive timeout would arm its own `signal.alarm` against ours); drop this filter if one comes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Timeout is disabled")
+
+
+def _silence_own_timeout_warning() -> None:
+    """On the loggers math-verify emits it from; they need not exist yet (math-verify is imported lazily)."""
+    for name in ("math_verify.parser", "math_verify.grader"):
+        logging.getLogger(name).addFilter(_OwnTimeout())
+
+
+_silence_own_timeout_warning()  # at import: this module is what every verifying process (parent, workers) imports
 
 
 class VerifyTimeout(BaseException):
