@@ -19,6 +19,7 @@ the stages run them again when they start, with the config they load anyway and,
 from __future__ import annotations
 
 import difflib
+from pathlib import Path
 from typing import Any
 
 from distill.errors import RecipeError
@@ -47,17 +48,23 @@ ROPE_KEYS = frozenset(
 )
 
 
-def load_config(model: str, *, offline: bool) -> Any | None:
+def load_config(model: str, *, offline: bool, where: str = "model") -> Any | None:
     """The model's transformers config, or None when `offline` and its config.json is neither a local folder nor
-    in the Hub cache."""
+    in the Hub cache (a recipe may name a model a later stage writes). Otherwise a missing local folder or an
+    unloadable config is a RecipeError naming `where` (the recipe key), not a transformers traceback."""
     from transformers import AutoConfig
 
-    try:
-        return AutoConfig.from_pretrained(model, local_files_only=offline)
-    except (OSError, ValueError):
+    looks_local = model.startswith((".", "/", "~")) or Path(model).exists()
+    if looks_local and not Path(model).expanduser().is_dir():
         if offline:
             return None
-        raise
+        raise RecipeError(f"{where}: {model}: no such directory (a local model folder; a hub id is `org/name`)")
+    try:
+        return AutoConfig.from_pretrained(model, local_files_only=offline)
+    except (OSError, ValueError) as exc:
+        if offline:
+            return None
+        raise RecipeError(f"{where}: {model}: cannot load its config.json ({exc})") from None
 
 
 def init_kwargs(config: Any, overrides: dict[str, Any], *, where: str = "student.base_config") -> dict[str, Any]:
@@ -111,7 +118,7 @@ def student_context(recipe: Recipe, *, offline: bool) -> tuple[int | None, dict[
     """The student's context after `student.base_config` and the keyword arguments that apply it; (None, {}) when
     its config is not available offline."""
     student = recipe.student
-    config = load_config(student.model, offline=offline)
+    config = load_config(student.model, offline=offline, where="student.model")
     if config is None:
         return None, {}
     kwargs = init_kwargs(config, student.base_config)
@@ -138,7 +145,7 @@ def check(recipe: Recipe, *, offline: bool = True) -> tuple[list[str], list[str]
                 problems.append(str(exc))
     if recipe.eval is not None:
         evaluated = recipe.eval.model
-        ctx = student_ctx if evaluated is None else _model_context(evaluated, offline=offline)
+        ctx = student_ctx if evaluated is None else _model_context(evaluated, offline=offline, where="eval.model")
         label = "eval.model" if evaluated else "the trained student"
         problems += _generation_fits(
             "eval",
@@ -150,7 +157,7 @@ def check(recipe: Recipe, *, offline: bool = True) -> tuple[list[str], list[str]
             endpoint=recipe.eval.endpoint,
         )
     if recipe.teacher is not None and recipe.teacher.backend == "vllm":
-        ctx = _model_context(recipe.teacher.model, offline=offline)
+        ctx = _model_context(recipe.teacher.model, offline=offline, where="teacher.model")
         problems += _generation_fits(
             "teacher", recipe.teacher.sampling, recipe.teacher.engine, ctx, label="teacher.model", notes=notes
         )
@@ -213,8 +220,8 @@ def model_context(model: str, *, offline: bool = False) -> int | None:
     return _model_context(model, offline=offline)
 
 
-def _model_context(model: str, *, offline: bool) -> int | None:
-    config = load_config(model, offline=offline)
+def _model_context(model: str, *, offline: bool, where: str = "model") -> int | None:
+    config = load_config(model, offline=offline, where=where)
     return context(config) if config is not None else None
 
 
@@ -266,7 +273,7 @@ def check_teacher(recipe: Recipe) -> None:
         "teacher",
         teacher.sampling,
         teacher.engine,
-        _model_context(teacher.model, offline=False),
+        _model_context(teacher.model, offline=False, where="teacher.model"),
         label="teacher.model",
         notes=[],
     )

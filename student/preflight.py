@@ -6,7 +6,6 @@ on the `meta` device: no weights are read, so this costs a fraction of a second 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from distill.errors import RecipeError
@@ -14,15 +13,9 @@ from distill.errors import RecipeError
 
 def load_config(model: str) -> Any:
     """The base model's config; a missing local path or an unreachable hub id is a recipe error."""
-    from transformers import AutoConfig
+    from distill import lengths
 
-    looks_local = model.startswith((".", "/", "~")) or Path(model).exists()
-    if looks_local and not Path(model).expanduser().is_dir():
-        raise RecipeError(f"student.model: {model}: no such directory")
-    try:
-        return AutoConfig.from_pretrained(model)
-    except OSError as exc:
-        raise RecipeError(f"student.model: {model}: cannot load its config.json ({exc})") from None
+    return lengths.load_config(model, offline=False, where="student.model")
 
 
 def check_lora(config: Any, *, peft: dict[str, Any]) -> Any:

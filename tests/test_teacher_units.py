@@ -265,3 +265,15 @@ def test_generate_refuses_max_tokens_the_offline_teacher_cannot_fit(tiny_model, 
     options = pipeline.StageOptions(progress=False)
     with pytest.raises(RecipeError, match=r"teacher.sampling.max_tokens: 4096 \+ the prompt does not fit teacher"):
         pipeline.run_stage(recipe, "generate", runs_dir=tmp_path / "runs", options=options)
+
+
+def test_a_missing_local_teacher_is_one_recipe_error(tmp_path: Path):
+    """Not transformers' "Repo id must be in the form ..." traceback: the key, the path and what was expected."""
+    from distill import lengths
+
+    path = tmp_path / "problems.jsonl"
+    files.write_jsonl(path, [{"problem": "1+1", "answer": "2"}])
+    recipe = _local_recipe(path)
+    recipe.teacher.model = str(tmp_path / "no" / "teacher")
+    with pytest.raises(RecipeError, match=rf"teacher\.model: {tmp_path}/no/teacher: no such directory"):
+        lengths.check_teacher(recipe)
