@@ -111,7 +111,7 @@ def trace_row(index: int, gold: str, final: str, *, per_problem: int, reasoning:
 
 
 def run_stage(rows_path: Path, work: Path, *, workers: int) -> dict:
-    from distill.filter import run
+    from distill.filter.stage import run
     from distill.pipeline import StageContext, StageOptions
     from distill.schema import Recipe
 

@@ -102,7 +102,7 @@ STAGES: dict[str, Stage] = {
             operational=ENDPOINT_HOW,
             problems=True,
         ),
-        Stage("filter", "distill.filter", ("filter", "student.model"), ("generate",), "filter"),
+        Stage("filter", "distill.filter.stage", ("filter", "student.model"), ("generate",), "filter"),
         Stage("train", "student.train", ("student",), ("filter",), "student"),
         Stage(
             "onpolicy",

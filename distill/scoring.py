@@ -292,13 +292,13 @@ def verify_pool(recipe: Recipe) -> Iterator[Any]:
 
 def verify(traces: list[Trace], *, pool: Any) -> list[str]:
     """One reason per trace, in order, problem by problem through `pool`."""
-    from distill.filter import to_item
+    from distill.filter.stage import worker_item
 
     groups: list[list[dict[str, Any]]] = []
     for index, trace in enumerate(traces):
         if index == 0 or trace.id != traces[index - 1].id:
             groups.append([])
-        groups[-1].append(to_item(trace.to_dict()))
+        groups[-1].append(worker_item(trace.to_dict()))
     return [reason for outcomes in pool.imap(groups) for _, reason in outcomes]
 
 

@@ -38,7 +38,7 @@ def _alarm(signum: int, frame: Any) -> None:
     raise VerifyTimeout("answer check ran past its time budget")
 
 
-def evaluate(item: dict[str, Any], steps: list[Any], *, timeout_s: float) -> Outcome:
+def run_steps(item: dict[str, Any], steps: list[Any], *, timeout_s: float) -> Outcome:
     """Run `steps` in order on one trace until one drops it; the last step (answer check) gives the verdict."""
     timed = item["kind"] != "code"  # code runs in a subprocess with its own wall timeout
     if timed:
@@ -72,7 +72,7 @@ def _worker(conn: Connection, steps: list[Any], timeout_s: float) -> None:
         key, start, items = task
         for index in range(start, len(items)):
             try:
-                outcome = evaluate(items[index], steps, timeout_s=timeout_s)
+                outcome = run_steps(items[index], steps, timeout_s=timeout_s)
             except VerifyTimeout:  # the timer fired just as the check returned, before it was disarmed
                 outcome = (len(steps) - 1, "verify_timeout")
             except Exception:

@@ -30,7 +30,9 @@ log = logging.getLogger(__name__)
 BATCH = 16  # rows per worker task (rows of a published file are independent problems)
 
 
-def to_item(row: dict[str, Any], *, kind: str, answer_field: str, response_field: str, where: str) -> dict[str, Any]:
+def published_item(
+    row: dict[str, Any], *, kind: str, answer_field: str, response_field: str, where: str
+) -> dict[str, Any]:
     """The worker item for one row; a missing field is an error naming the row."""
     for name in (answer_field, response_field):
         if name not in row:
@@ -62,7 +64,7 @@ def _batches(args: argparse.Namespace, rows: list[list[dict[str, Any]]]) -> Iter
     for number, row in enumerate(files.read_jsonl(args.input), start=1):
         where = f"{args.input} record {number}"
         items.append(
-            to_item(
+            published_item(
                 row, kind=args.kind, answer_field=args.answer_field, response_field=args.response_field, where=where
             )
         )
