@@ -21,12 +21,13 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared" / "data"
+SHARED = REPO.parent / "shared" / "data"  # the default `--data`: the real traces beside a checkout (CI has them)
 
 
 def base_pairs() -> list[tuple[str, str]]:
@@ -193,6 +194,7 @@ def rss_child(records: int, folder: Path, workers: int) -> None:
 
 def measure_rss(records: int, folder: Path, workers: int) -> dict:
     cmd = [sys.executable, __file__, "--rss-child", str(records), "--dir", str(folder), "--workers", str(workers)]
+    cmd += ["--data", str(SHARED)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -208,16 +210,23 @@ def stage_rate(pairs: list[tuple[str, str]], args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
+    global SHARED  # the trace readers above read it; `--data` sets it
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stage-records", type=int, default=2000)
     parser.add_argument("--rss-records", type=int, nargs=2, default=[10_000, 200_000])
     parser.add_argument("--workers", type=int, default=os.cpu_count())
-    parser.add_argument("--dir", type=Path, default=Path("/tmp/distill-bench-filter"))
+    parser.add_argument("--dir", type=Path, default=None, help="scratch folder (default: a new temporary one)")
+    parser.add_argument("--data", type=Path, default=SHARED, help="folder with reasoning_traces/, verifier_cases/")
     parser.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    SHARED = args.data
     if args.rss_child is not None:
         rss_child(args.rss_child, args.dir, args.workers)
         return
+    if not (SHARED / "reasoning_traces").is_dir():
+        print(json.dumps({"bench": "filter", "skipped": f"real traces not found at {SHARED} (pass --data DIR)"}))
+        return
+    args.dir = args.dir or Path(tempfile.mkdtemp(prefix="distill-bench-filter-"))
     pairs = base_pairs()
     # as many passes over the base set as each stage worker makes, so math-verify's parse caches warm up alike
     plain, plain_cpu = plain_rate(pairs, rounds=max(1, round(args.stage_records / len(pairs) / args.workers)))

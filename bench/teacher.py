@@ -40,6 +40,7 @@ from distill.prompts import messages  # noqa: E402
 from distill.schema import Recipe  # noqa: E402
 from distill.tinymodel import CPU_ENGINE, build_tiny_model  # noqa: E402
 
+# the default `--data`: MATH-500 beside a checkout (CI has it)
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "math500" / "test.jsonl"
 ENGINE = CPU_ENGINE
 
@@ -79,7 +80,7 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
     recipe = Recipe.model_validate(
         {
             "name": "bench",
-            "data": {"spec": "math500", "path": str(DATA), "limit": args.problems},
+            "data": {"spec": "math500", "path": str(args.data), "limit": args.problems},
             "teacher": {
                 "model": str(args.model),
                 "engine": ENGINE,
@@ -94,7 +95,16 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
 
 
 def child(kind: str, model: Path, args: argparse.Namespace) -> dict[str, float]:
-    flags = ["--problems", str(args.problems), "--n", str(args.n), "--max-tokens", str(args.max_tokens)]
+    flags = [
+        "--problems",
+        str(args.problems),
+        "--n",
+        str(args.n),
+        "--max-tokens",
+        str(args.max_tokens),
+        "--data",
+        str(args.data),
+    ]
     command = [sys.executable, __file__, "--only", kind, "--model", str(model), *flags]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])[kind]
@@ -108,7 +118,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", choices=["raw", "stage"], help=argparse.SUPPRESS)  # child process: one measurement
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--data", type=Path, default=DATA, help="MATH-500 test.jsonl (prompts only)")
     args = parser.parse_args()
+    if not args.data.is_file():
+        print(json.dumps({"bench": "teacher", "skipped": f"MATH-500 not found at {args.data} (pass --data FILE)"}))
+        return
     if args.only:
         print(json.dumps({args.only: measure(args)}))
         return
