@@ -253,10 +253,11 @@ def _parameters(config: Any, *, peft: dict[str, Any] | None) -> tuple[int, int]:
     total = sum(p.numel() for p in skeleton.parameters())  # tied embeddings are one parameter, counted once
     if peft is None:
         return total, 0
-    from peft import LoraConfig
     from peft.tuners.tuners_utils import check_target_module_exists
 
-    lora = LoraConfig(**{"task_type": "CAUSAL_LM", **peft})
+    from student.arguments import LORA_DEFAULTS, lora_config  # the train stage's own LoraConfig
+
+    lora = lora_config({**LORA_DEFAULTS, **peft}, where="student.peft")
     linear = [(n, m) for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)]
     if lora.target_modules == "all-linear" or lora.target_modules is None:
         targets = [m for n, m in linear if not n.endswith("lm_head")]

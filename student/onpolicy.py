@@ -104,7 +104,7 @@ class Setup:
     student: Path  # the SFT student, a full model folder
     teacher: str  # the teacher model (for a server: the model it serves, for the checks)
     tokenizer: Any  # the student's, with the chat template it was trained with
-    args: dict[str, Any]  # resolved DistillationConfig keyword arguments
+    kwargs: arguments.Kwargs  # the final DistillationConfig / LoraConfig keyword arguments, as the plan carries them
     pairing: vocab.Pairing
     limit: int  # tokens a prompt plus its completion may take (the smaller model context)
     completion: int  # max_completion_length as TRL resolves it (its default included)
@@ -131,20 +131,10 @@ def _prepare(
     cfg = recipe.onpolicy
     teacher = teacher_model(recipe)
     on_gpu = torch.cuda.is_available()
-    config_class = _config_class(cfg)
-    owned = {"teacher_model_server_url": cfg.teacher_server} if cfg.teacher_server else {}
-    args, launcher = arguments.resolve(
-        {**cfg.config, **owned},
-        stage="onpolicy",
-        where="onpolicy.config",
-        config_class=config_class,
-        output_dir=work_dir / CHECKPOINTS,
-        on_gpu=on_gpu,
-        progress=progress,
-        peft=cfg.peft,
-        launcher=launcher,
-    )
-    resolved = arguments.validated(args, where="onpolicy.config", config_class=config_class)
+    kwargs, launcher = distillation_kwargs(cfg, work_dir=work_dir, on_gpu=on_gpu, progress=progress, launcher=launcher)
+    resolved = arguments.distillation_config(kwargs.args, server=bool(cfg.teacher_server))
+    if kwargs.peft is not None:
+        arguments.lora_config(kwargs.peft, where="onpolicy.peft")
     pairing = vocab.load_pairing(str(student), teacher, server=bool(cfg.teacher_server), offline=False)
     tokenizer = AutoTokenizer.from_pretrained(student)
     check_start(tokenizer, think_prefix=recipe.teacher.think_prefix)
@@ -158,18 +148,30 @@ def _prepare(
     limit = min((ctx for ctx in contexts.values() if ctx is not None), default=2**31)
     if on_gpu and not cfg.teacher_server:
         _check_teacher_fits(teacher)
-    log.info("onpolicy.config as passed to %s: %s", config_class.__name__, args)
-    return Setup(student, teacher, tokenizer, args, pairing, limit, completion, launcher)
+    log.info("onpolicy: the keyword arguments every training process gets\n%s", kwargs.describe())
+    return Setup(student, teacher, tokenizer, kwargs, pairing, limit, completion, launcher)
 
 
-def _config_class(cfg: OnPolicy) -> type:
+def distillation_kwargs(
+    cfg: OnPolicy, *, work_dir: Path, on_gpu: bool, progress: bool, launcher: launch.Launcher | None
+) -> tuple[arguments.Kwargs, launch.Launcher | None]:
+    """The final `trl.DistillationConfig` (`ServerDistillationConfig` with a teacher server) and `peft.LoraConfig`
+    keyword arguments: `onpolicy.config` and `onpolicy.peft` as written plus what distill decides
+    (`arguments.decide`, and the server's URL), and the launcher config as this run must use it."""
+    decided = arguments.decide(
+        cfg.config,
+        stage="onpolicy",
+        where="onpolicy.config",
+        config_class=arguments.distillation_class(server=bool(cfg.teacher_server)),
+        output_dir=work_dir / CHECKPOINTS,
+        on_gpu=on_gpu,
+        progress=progress,
+        peft=cfg.peft,
+        launcher=launcher,
+    )
     if cfg.teacher_server:
-        from trl.experimental.server_distillation import ServerDistillationConfig
-
-        return ServerDistillationConfig
-    from trl import DistillationConfig
-
-    return DistillationConfig
+        decided.set("teacher_model_server_url", cfg.teacher_server, "onpolicy.teacher_server")
+    return decided.finish(peft=cfg.peft), decided.launcher
 
 
 def check_start(tokenizer: Any, *, think_prefix: str) -> None:
@@ -256,8 +258,8 @@ def _write_plan(cfg: OnPolicy, setup: Setup, prompts: list[str], *, scratch: Pat
         model=str(setup.student),
         data=str(data),
         template=str(template_file),
-        args=setup.args,
-        peft=cfg.peft,
+        args=setup.kwargs.args,
+        peft=setup.kwargs.peft,
         quantization=None,
         save_dir=str(work_dir / ADAPTER if cfg.peft else work_dir),
         scratch=str(scratch),
@@ -285,7 +287,7 @@ def _finish(cfg: OnPolicy, setup: Setup, *, plan: Plan, work_dir: Path) -> dict[
     points = outputs.losses(history)
     runtime = result["train_runtime"] or 0.0
     forward = max((int(e["num_tokens"]) for e in history if "num_tokens" in e), default=0)
-    sampled = _sampled_tokens(history, setup.args, world_size=result["world_size"] or 1)
+    sampled = _sampled_tokens(history, setup.kwargs.args, world_size=result["world_size"] or 1)
     metrics = {
         "teacher": setup.teacher,
         "teacher_server": cfg.teacher_server,

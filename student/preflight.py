@@ -18,17 +18,12 @@ def load_config(model: str) -> Any:
     return lengths.load_config(model, offline=False, where="student.model")
 
 
-def check_lora(config: Any, *, peft: dict[str, Any]) -> Any:
-    """Build the `peft.LoraConfig` and make sure its target_modules match something in this architecture."""
-    import peft as peft_lib
+def check_lora(config: Any, lora: Any) -> Any:
+    """Make sure the `peft.LoraConfig`'s target_modules match something in this architecture."""
     import torch
     from peft.tuners.tuners_utils import check_target_module_exists
     from transformers import AutoModelForCausalLM
 
-    try:
-        lora = peft_lib.LoraConfig(**{"task_type": "CAUSAL_LM", **peft})
-    except (TypeError, ValueError) as exc:
-        raise RecipeError(f"student.peft: peft.LoraConfig rejected it: {exc}") from None
     if lora.target_modules is None or lora.target_modules == "all-linear":
         return lora  # PEFT picks the model's own defaults / every linear layer
     with torch.device("meta"):
@@ -39,7 +34,7 @@ def check_lora(config: Any, *, peft: dict[str, Any]) -> Any:
             {name.rsplit(".", 1)[-1] for name, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)}
         )
         raise RecipeError(
-            f"student.peft.target_modules: {peft['target_modules']!r} matches no module of "
+            f"student.peft.target_modules: {sorted(lora.target_modules)!r} matches no module of "
             f"{config.model_type}; its linear modules are: {', '.join(linear)}"
         )
     return lora

@@ -12,6 +12,16 @@ names a launcher config (see `student.launch`). Output, at the top of the stage 
   full model is at the top instead and the adapter under `adapter/`;
 - generation_config.json whose eos_token_id is the template's end-of-turn token (the token trained as EOS);
 - metrics.json (rows, tokens, throughput, losses) and loss.png; `checkpoints/` (resume points, kept for the hub).
+
+A recipe value reaches TRL in three calls; `student.sft.learning_rate`, say:
+
+1. `distill.recipe.load_recipe(path)`: the YAML mapping, its keys checked against `trl.SFTConfig`'s fields, is
+   `recipe.student.sft`;
+2. `sft_kwargs(student, ...)` (here): that mapping as written plus what distill decides (checkpoint folder, CPU
+   defaults, stop token, `max_length`, ...; each decided key logged once with why) is the final keyword arguments,
+   which plan.json carries unchanged (`Plan.args`; `Plan.peft` for `peft.LoraConfig`, task_type included);
+3. `arguments.sft_config(kwargs)`: the one `trl.SFTConfig(**kwargs)`, built by `_prepare` to check the arguments
+   before anything launches, and by `student.trainer.build_trainer` in every training process.
 """
 
 from __future__ import annotations
@@ -53,7 +63,7 @@ def run(recipe: Recipe, *, ctx: StageContext) -> StageReport:
         template=setup.template.text,
         limit=setup.limit,
         overlong=student.overlong,
-        can_truncate=setup.sft.get("max_length") is not None,
+        can_truncate=setup.kwargs.args["max_length"] is not None,
         splits=setup.splits,
     )
     if not fitted.conversations:
@@ -111,7 +121,7 @@ def _warn_if_not_sharded(launcher: launch.Launcher | None, ranks: list[dict[str,
 class Setup:
     tokenizer: Any
     template: template.ChatTemplate
-    sft: dict[str, Any]  # resolved SFTConfig keyword arguments
+    kwargs: arguments.Kwargs  # the final SFTConfig / LoraConfig keyword arguments, as the plan carries them
     limit: int  # row length budget in tokens
     splits: bool  # packing cuts overlong rows into several packed rows instead of truncating them
     launcher: launch.Launcher | None  # student.accelerate, as resolved for this run (None: train in this process)
@@ -126,68 +136,59 @@ def _prepare(student: Student, *, work_dir: Path, progress: bool, launcher: laun
     on_gpu = torch.cuda.is_available()
     config = preflight.load_config(student.model)
     preflight.check_quantization(student.quantization, has_peft=student.peft is not None, on_gpu=on_gpu)
-    if student.peft is not None:
-        preflight.check_lora(config, peft=student.peft)
-    sft, launcher = _sft_arguments(student, work_dir=work_dir, on_gpu=on_gpu, progress=progress, launcher=launcher)
-    overrides = _with_base_config(sft, config=config, base_config=student.base_config)
-    preflight.check_kernels(sft)
+    overrides = lengths.init_kwargs(config, student.base_config)
     tokenizer = AutoTokenizer.from_pretrained(student.model)
     chat = template.resolve(
         tokenizer,
         model_type=config.model_type,
         path=student.chat_template,
-        assistant_only=bool(sft.get("assistant_only_loss")),
+        assistant_only=bool(student.sft.get("assistant_only_loss")),
     )
-    if sft.get("eos_token") not in (None, chat.end_of_turn):
-        raise RecipeError(
-            f"student.sft.eos_token: {sft['eos_token']!r} differs from the chat template's end-of-turn "
-            f"token {chat.end_of_turn!r}; the student would learn to stop on a token inference never "
-            "sees. Remove it (distill sets it from the template)"
-        )
-    sft["eos_token"] = chat.end_of_turn
-    resolved = _validated(sft)
-    if resolved.padding_free and not resolved.packing and resolved.max_length is not None:
+    kwargs, launcher = sft_kwargs(
+        student,
+        base_config=overrides,
+        end_of_turn=chat.end_of_turn,
+        work_dir=work_dir,
+        on_gpu=on_gpu,
+        progress=progress,
+        launcher=launcher,
+    )
+    if kwargs.peft is not None:
+        preflight.check_lora(config, arguments.lora_config(kwargs.peft, where="student.peft"))
+    preflight.check_kernels(kwargs.args)
+    sft = arguments.sft_config(kwargs.args)
+    if sft.padding_free and not sft.packing and sft.max_length is not None:
         raise RecipeError(
             "student.sft.padding_free: without packing TRL cannot enforce max_length; set "
             "student.sft.max_length: null (rows beyond the model's context are then dropped) or packing"
         )
     context = lengths.context(config, overrides)
-    limit = lengths.check_max_length(context, max_length=resolved.max_length, extended=bool(overrides))
-    sft["max_length"] = resolved.max_length
-    log.info("student.sft as passed to trl.SFTConfig: %s", sft)
-    splits = bool(resolved.packing) and resolved.packing_strategy in ("wrapped", "bfd_split")
+    limit = lengths.check_max_length(context, max_length=sft.max_length, extended=bool(overrides))
+    log.info("train: the keyword arguments every training process gets\n%s", kwargs.describe())
     return Setup(
         tokenizer=tokenizer,
         template=chat,
-        sft=sft,
+        kwargs=kwargs,
         limit=limit,
-        splits=splits,
+        splits=bool(sft.packing) and sft.packing_strategy in ("wrapped", "bfd_split"),
         launcher=launcher,
         base_config=overrides,
     )
 
 
-def _with_base_config(sft: dict[str, Any], *, config: Any, base_config: dict[str, Any]) -> dict[str, Any]:
-    """Put `student.base_config` into `sft.model_init_kwargs` as `from_pretrained` takes it (rope keys inside
-    rope_parameters); the loaded model then carries it into every saved config.json. Returns what was applied."""
-    overrides = lengths.init_kwargs(config, base_config)
-    if overrides:
-        init = dict(sft.get("model_init_kwargs") or {})
-        clash = sorted(init.keys() & overrides.keys())
-        if clash:
-            raise RecipeError(
-                f"student.sft.model_init_kwargs.{clash[0]}: also set by student.base_config; set it there only"
-            )
-        sft["model_init_kwargs"] = {**init, **overrides}
-        log.info("student.base_config: the base loads with %s", overrides)
-    return overrides
-
-
-def _sft_arguments(
-    student: Student, *, work_dir: Path, on_gpu: bool, progress: bool, launcher: launch.Launcher | None
-) -> tuple[dict[str, Any], launch.Launcher | None]:
-    """The `trl.SFTConfig` keyword arguments: the recipe's, plus what distill decides (each logged), and the
-    launcher config as this run must use it."""
+def sft_kwargs(
+    student: Student,
+    *,
+    base_config: dict[str, Any],
+    end_of_turn: str,
+    work_dir: Path,
+    on_gpu: bool,
+    progress: bool,
+    launcher: launch.Launcher | None,
+) -> tuple[arguments.Kwargs, launch.Launcher | None]:
+    """The final `trl.SFTConfig` and `peft.LoraConfig` keyword arguments: `student.sft` and `student.peft` as
+    written, plus what distill decides (`arguments.decide`; here also `base_config`, as `from_pretrained` takes it,
+    the template's `end_of_turn` token and `max_length`), and the launcher config as this run must use it."""
     from trl import SFTConfig
 
     if "chat_template_path" in student.sft:
@@ -195,7 +196,7 @@ def _sft_arguments(
             "student.sft.chat_template_path: set student.chat_template instead (distill checks it has "
             "generation markers and derives the stop token from it)"
         )
-    return arguments.resolve(
+    decided = arguments.decide(
         student.sft,
         stage="train",
         where="student.sft",
@@ -206,12 +207,30 @@ def _sft_arguments(
         peft=student.peft,
         launcher=launcher,
     )
-
-
-def _validated(sft: dict[str, Any]) -> Any:
-    from trl import SFTConfig
-
-    return arguments.validated(sft, where="student.sft", config_class=SFTConfig)
+    if base_config:  # the loaded model carries it into every saved config.json
+        init = dict(decided.get("model_init_kwargs") or {})
+        clash = sorted(init.keys() & base_config.keys())
+        if clash:
+            raise RecipeError(
+                f"student.sft.model_init_kwargs.{clash[0]}: also set by student.base_config; set it there only"
+            )
+        decided.set("model_init_kwargs", {**init, **base_config}, f"student.base_config {base_config}")
+    eos = student.sft.get("eos_token")
+    if eos not in (None, end_of_turn):
+        raise RecipeError(
+            f"student.sft.eos_token: {eos!r} differs from the chat template's end-of-turn "
+            f"token {end_of_turn!r}; the student would learn to stop on a token inference never "
+            "sees. Remove it (distill sets it from the template)"
+        )
+    if eos is None:
+        decided.set("eos_token", end_of_turn, "the chat template's end-of-turn token, the one inference stops on")
+    if "max_length" not in student.sft:
+        decided.set(
+            "max_length",
+            arguments.default(SFTConfig, "max_length"),
+            "TRL's default, written out: the length checks, the row fitting and every process use this number",
+        )
+    return decided.finish(peft=student.peft), decided.launcher
 
 
 def _write_plan(
@@ -228,8 +247,8 @@ def _write_plan(
         model=student.model,
         data=str(data),
         template=str(template_file),
-        args=setup.sft,
-        peft=student.peft,
+        args=setup.kwargs.args,
+        peft=setup.kwargs.peft,
         quantization=student.quantization,
         save_dir=str(work_dir / ADAPTER if merged else work_dir),
         scratch=str(scratch),

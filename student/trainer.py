@@ -21,6 +21,7 @@ from typing import Any
 
 from distill import files
 from distill.errors import DistillError
+from student import arguments
 from student.checkpoints import PushCheckpoints
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,9 @@ class Plan:
     model: str
     data: str  # JSONL of {"messages": [...]} rows (sft, already length-checked) or {"prompt": text} (distillation)
     template: str  # chat template file (with generation markers) set on the tokenizer
-    args: dict[str, Any]  # resolved `trl.SFTConfig` / `trl.DistillationConfig` keyword arguments, output_dir included
-    peft: dict[str, Any] | None  # `peft.LoraConfig` keyword arguments; None = full fine-tuning
+    # the final `trl.SFTConfig` / `trl.DistillationConfig` keyword arguments (`student.arguments.Kwargs.args`)
+    args: dict[str, Any]
+    peft: dict[str, Any] | None  # the final `peft.LoraConfig` keyword arguments, task_type included; None: no LoRA
     quantization: str | None
     save_dir: str  # where the trained model (or adapter) and tokenizer go
     scratch: str  # this node's folder for the plan and its data
@@ -62,26 +64,27 @@ class Plan:
 
 
 def build_trainer(plan: Plan) -> Any:
-    """The trainer for `plan`: the same call a bare TRL script makes, with our tokenizer template and data."""
-    from peft import LoraConfig
+    """The trainer for `plan`: the same call a bare TRL script makes, with our tokenizer template and data, and the
+    configs built by `student.arguments` from exactly the keyword arguments the plan carries."""
     from transformers import AutoTokenizer
 
     from datasets import Dataset
 
     tokenizer = AutoTokenizer.from_pretrained(plan.model)
     tokenizer.chat_template = Path(plan.template).read_text(encoding="utf-8")
+    lora_where = "student.peft" if plan.trainer == "sft" else "onpolicy.peft"
     common = {
         "train_dataset": Dataset.from_list(list(files.read_jsonl(plan.data))),
         "processing_class": tokenizer,
-        "peft_config": LoraConfig(**{"task_type": "CAUSAL_LM", **plan.peft}) if plan.peft is not None else None,
+        "peft_config": arguments.lora_config(plan.peft, where=lora_where) if plan.peft is not None else None,
         "quantization_config": quantization_config(plan.quantization, sft=plan.args),
         "callbacks": [PushCheckpoints(**plan.push_checkpoints)] if plan.push_checkpoints else None,
     }
     if plan.trainer == "distillation":
         return _distillation_trainer(plan, tokenizer=tokenizer, **common)
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
-    return SFTTrainer(model=plan.model, args=SFTConfig(**plan.args), **common)
+    return SFTTrainer(model=plan.model, args=arguments.sft_config(plan.args), **common)
 
 
 def _distillation_trainer(plan: Plan, *, tokenizer: Any, **common: Any) -> Any:
@@ -89,17 +92,19 @@ def _distillation_trainer(plan: Plan, *, tokenizer: Any, **common: Any) -> Any:
     (in this process, or behind a vLLM server), the student lowers the divergence (`beta` 1.0: reverse KL)."""
     tokenizer.padding_side = "left"  # generation continues the prompts: pad on their left
     teacher = plan.teacher or {}
-    if "server" in teacher:
-        from trl.experimental.server_distillation import ServerDistillationConfig, ServerDistillationTrainer
+    if "server" in teacher:  # plan.args then carries teacher_model_server_url
+        from trl.experimental.server_distillation import ServerDistillationTrainer
 
-        # plan.args carries teacher_model_server_url
-        return ServerDistillationTrainer(model=plan.model, args=ServerDistillationConfig(**plan.args), **common)
-    from trl import DistillationConfig, DistillationTrainer
+        args = arguments.distillation_config(plan.args, server=True)
+        return ServerDistillationTrainer(model=plan.model, args=args, **common)
+    from trl import DistillationTrainer
 
+    # the teacher loads before the config is built: under accelerate's DeepSpeed ZeRO-3, building it sets the
+    # weakref that makes every later from_pretrained partition its model
     return DistillationTrainer(
         model=plan.model,
         teacher_model=_teacher(teacher, args=plan.args),
-        args=DistillationConfig(**plan.args),
+        args=arguments.distillation_config(plan.args, server=False),
         **common,
     )
 

@@ -19,8 +19,8 @@ import pytest
 from distill.tinymodel import CPU_ENGINE
 
 REPO = Path(__file__).resolve().parent.parent
-# The real data beside a checkout (CI has it); DISTILL_SHARED_DATA points elsewhere, e.g. at nothing, to run the suite as
-# a user's clone does.
+# The real data beside a checkout (CI has it); DISTILL_SHARED_DATA points elsewhere, e.g. at nothing, to run the
+# suite as a user's clone does.
 SHARED_DATA = Path(os.environ.get("DISTILL_SHARED_DATA") or REPO.parent / "shared" / "data")
 
 # vLLM on a 2-core CPU (see ../shared/FACTS.md): in-process engine, one OpenMP thread, explicit KV cache size.

@@ -18,9 +18,11 @@ import yaml
 
 from distill.devices import device_facts, promised_gpus
 from distill.errors import DistillError, RecipeError
+from distill.schema import Recipe
 from student import launch
+from student.arguments import Kwargs
 from student.checkpoints import PushCheckpoints
-from student.train import _sft_arguments, run
+from student.train import run, sft_kwargs
 from student.trainer import build_trainer, check_world_size, train
 from student_data import addition_rows, context, make_run, plan_for
 from test_hub import RecordingHfApi
@@ -119,8 +121,22 @@ def test_train_refuses_cpu_when_gpus_were_promised(
     assert not (tmp_path / "work" / ".prep").exists(), "refused before any plan was written"
 
     recipe, _ = make_run(tmp_path, addition_rows(4), {"model": str(tiny_model), "sft": {**FAST, "use_cpu": True}})
-    sft, _ = _sft_arguments(recipe.student, work_dir=tmp_path, on_gpu=False, progress=False, launcher=None)
+    sft = resolve(recipe, work_dir=tmp_path, on_gpu=False).args
     assert sft["use_cpu"] is True and sft["bf16"] is False, "use_cpu: true makes CPU deliberate"
+
+
+def resolve(recipe: Recipe, *, work_dir: Path, on_gpu: bool) -> Kwargs:
+    """The train stage's final keyword arguments for `recipe`, as on a machine with or without a GPU."""
+    kwargs, _ = sft_kwargs(
+        recipe.student,
+        base_config={},
+        end_of_turn="<|im_end|>",
+        work_dir=work_dir,
+        on_gpu=on_gpu,
+        progress=False,
+        launcher=None,
+    )
+    return kwargs
 
 
 def test_manifests_record_torch_cuda_build_and_devices(tmp_path: Path) -> None:
@@ -145,8 +161,7 @@ def test_lora_and_qlora_load_the_frozen_base_in_the_training_precision(tiny_mode
 
     def resolved(student: dict) -> dict:
         recipe, _ = make_run(tmp_path, addition_rows(4), {"model": str(tiny_model), **student})
-        sft, _ = _sft_arguments(recipe.student, work_dir=tmp_path, on_gpu=True, progress=False, launcher=None)
-        return sft.get("model_init_kwargs") or {}
+        return resolve(recipe, work_dir=tmp_path, on_gpu=True).args.get("model_init_kwargs") or {}
 
     lora = {"r": 4, "target_modules": "all-linear"}
     assert resolved({"peft": lora}) == {"dtype": "bfloat16"}
@@ -155,9 +170,12 @@ def test_lora_and_qlora_load_the_frozen_base_in_the_training_precision(tiny_mode
     assert resolved({"peft": lora, "sft": {"model_init_kwargs": {"dtype": "float32"}}}) == {"dtype": "float32"}
     assert resolved({}) == {}, "full fine-tuning keeps fp32 master weights"
 
-    init = resolved({"peft": lora})  # as the plan carries it to every process: the dtype reaches the model
+    recipe, _ = make_run(tmp_path, addition_rows(4), {"model": str(tiny_model), "peft": lora})
+    kwargs = resolve(recipe, work_dir=tmp_path, on_gpu=True)  # as the plan carries them to every process
+    assert kwargs.peft == {"task_type": "CAUSAL_LM", **lora}, "PEFT's default task_type is in the plan, not implied"
+    init = kwargs.args["model_init_kwargs"]  # the dtype reaches the model
     trainer = build_trainer(
-        plan_for(tiny_model, tmp_path, rows=addition_rows(4), sft={"model_init_kwargs": init}, peft=lora)
+        plan_for(tiny_model, tmp_path, rows=addition_rows(4), sft={"model_init_kwargs": init}, peft=kwargs.peft)
     )
     base = {p.dtype for n, p in trainer.model.named_parameters() if "lora_" not in n}
     adapter = {p.dtype for n, p in trainer.model.named_parameters() if "lora_" in n}

@@ -75,7 +75,7 @@ def prepare(recipe: Recipe, *, settings: Settings, progress: bool) -> dict[str, 
     teacher_base = paths["teacher"].with_name(paths["teacher"].name + ".base")
     _build_base(teacher_base, corpus=corpus, settings=settings, teacher=True)
     t2 = time.monotonic()
-    from distill.demo.teacher import train_teacher
+    from distill.demo.tiny_teacher import train_teacher
 
     trained = train_teacher(teacher_base, rows, out=paths["teacher"], settings=settings, progress=progress)
     shutil.rmtree(teacher_base)
