@@ -324,6 +324,13 @@ def _text(value: Any) -> str:
     return "\n".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
+def content_hash(loaded: list[Loaded]) -> str:
+    """Hash of the problems a stage reads (what its output depends on besides the recipe's settings)."""
+    from distill.manifest import canonical_hash
+
+    return canonical_hash([p.to_dict() for source in loaded for p in source.problems])
+
+
 def load_problems(sources: list[DataSource], mixture: Mixture | None = None) -> list[Loaded]:
     """Load every source of a recipe, in recipe order. Problem ids repeated across sources are kept once, counted.
     Weighted sources then give their share of the mixture (`distill.mixture`); the rest is counted as

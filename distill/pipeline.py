@@ -45,7 +45,9 @@ class Stage:
     needs: str  # recipe section that must be present for the stage to be configured
     reads: Callable[[Recipe, StageOptions], tuple[str, ...]] | None = None  # upstream actually read, if it varies
     operational: tuple[str, ...] = ()  # dotted paths inside `sections` that change how, not what: not hashed
-    problems: bool = False  # reads the recipe's problems: their content (module.input_hash) is part of its input
+    # reads the recipe's problems: the runner loads them once (`module.load`), their content hash
+    # (`module.problems_hash`) is part of the stage's input, and `run` gets them in `ctx.problems`
+    problems: bool = False
     sends: bool = False  # acts outside runs/ (the Hub): a superseded record of a send is restored only for dry runs
 
     def upstream_read(self, recipe: Recipe, options: StageOptions) -> tuple[str, ...]:
@@ -154,6 +156,7 @@ class StageContext:
     work_dir: Path  # where the stage writes; swapped into run_dir/<stage> on success
     inputs: dict[str, Path]  # finished upstream stage directories by stage name
     options: StageOptions
+    problems: Any = None  # what `module.load(recipe)` returned, for a stage that reads the recipe's problems
 
 
 @dataclass
@@ -190,16 +193,17 @@ def section_hash(recipe: Recipe, stage: Stage, options: StageOptions) -> str:
 def input_hash(recipe: Recipe, stage: Stage, run_dir: Path, options: StageOptions) -> tuple[str, dict[str, Path]]:
     """Hash of the finished upstream outputs this stage reads (and of its problems' content), and the upstream
     directories."""
-    parts, inputs = input_parts(recipe, stage, run_dir, options, problems=True)
+    parts, inputs = input_parts(recipe, stage, run_dir, options)
+    if stage.problems:
+        parts["problems"] = load_problems(recipe, stage)[1]
     return canonical_hash(parts), inputs
 
 
 def input_parts(
-    recipe: Recipe, stage: Stage, run_dir: Path, options: StageOptions, *, problems: bool
+    recipe: Recipe, stage: Stage, run_dir: Path, options: StageOptions
 ) -> tuple[dict[str, str], dict[str, Path]]:
-    """The output hashes of the finished upstream stages this stage reads (with `problems`, also the content hash
-    of the problems it reads, if any), and their directories. Unconfigured upstream stages are skipped; a
-    configured one that has not finished is an error naming the command to run."""
+    """The output hashes of the finished upstream stages this stage reads, and their directories. Unconfigured
+    upstream stages are skipped; a configured one that has not finished is an error naming the command to run."""
     hashes, inputs = {}, {}
     for name in stage.upstream_read(recipe, options):
         upstream = STAGES[name]
@@ -210,9 +214,14 @@ def input_parts(
             raise DistillError(f"stage {stage.name} needs the output of {name}: run `distill {name}` first")
         hashes[name] = manifest.output_hash
         inputs[name] = run_dir / name
-    if problems and stage.problems:
-        hashes["problems"] = stage_module(stage).input_hash(recipe)
     return hashes, inputs
+
+
+def load_problems(recipe: Recipe, stage: Stage) -> tuple[Any, str]:
+    """The problems a `problems` stage reads, loaded once, and their content hash."""
+    module = stage_module(stage)
+    loaded = module.load(recipe)
+    return loaded, module.problems_hash(loaded)
 
 
 def _state(recipe: Recipe, stage: Stage, run_dir: Path, manifest: Manifest | None) -> str:
@@ -224,7 +233,7 @@ def _state(recipe: Recipe, stage: Stage, run_dir: Path, manifest: Manifest | Non
     if manifest.section_hash != section_hash(recipe, stage, StageOptions()):
         return "stale"
     try:
-        parts, _ = input_parts(recipe, stage, run_dir, StageOptions(), problems=False)
+        parts, _ = input_parts(recipe, stage, run_dir, StageOptions())
     except DistillError:
         return "stale"
     if stage.problems:  # judged by the manifest: a dataset is loaded (and re-hashed) only when the stage runs
@@ -268,7 +277,10 @@ def run_stage(
     run_dir = runs_dir / recipe.name
     out_dir = run_dir / name
     sections = section_hash(recipe, stage, options)
-    parts, inputs = input_parts(recipe, stage, run_dir, options, problems=True)
+    parts, inputs = input_parts(recipe, stage, run_dir, options)
+    loaded = None
+    if stage.problems:
+        loaded, parts["problems"] = load_problems(recipe, stage)
     inputs_hash = canonical_hash(parts)
     previous = read_manifest(out_dir)
     if previous and not force and (previous.section_hash, previous.input_hash) == (sections, inputs_hash):
@@ -299,7 +311,7 @@ def run_stage(
         _clear(work_dir)
     module = stage_module(stage)
     started, t0 = _now(), time.monotonic()
-    report: StageReport = module.run(recipe, ctx=StageContext(run_dir, work_dir, inputs, options))
+    report: StageReport = module.run(recipe, ctx=StageContext(run_dir, work_dir, inputs, options, problems=loaded))
     if not report.complete:
         log.info("%s: this share is done; the stage finishes when every share is", name)
         return None

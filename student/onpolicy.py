@@ -27,9 +27,8 @@ from typing import Any
 import yaml
 
 from distill import files, lengths, vocab
-from distill.data import load_problems
+from distill.data import Loaded, content_hash, load_problems
 from distill.errors import DataError, DistillError, RecipeError
-from distill.manifest import canonical_hash
 from distill.mixture import interleave
 from distill.pipeline import StageContext, StageReport
 from distill.prompts import generation_prompt, messages, source_prompts
@@ -44,9 +43,14 @@ CHECKPOINTS, ADAPTER, SCRATCH, LAUNCHER = "checkpoints", "adapter", ".prep", "ac
 GENERATION_CONFIG = "generation_config.json"
 
 
-def input_hash(recipe: Recipe) -> str:
-    """Content hash of the prompts' problems: the stage re-runs when they change, whatever the recipe says."""
-    return canonical_hash([p.to_dict() for source in _loaded(recipe) for p in source.problems])
+def load(recipe: Recipe) -> list[Loaded]:
+    """The prompts' problems (`onpolicy.prompts`, else the recipe's data). The runner loads them once and hashes
+    them (`problems_hash`): the stage re-runs when they change, whatever the recipe says."""
+    own = recipe.onpolicy.prompts
+    return load_problems(own, None) if own else load_problems(recipe.data, recipe.mixture)
+
+
+problems_hash = content_hash
 
 
 def teacher_model(recipe: Recipe) -> str:
@@ -70,7 +74,7 @@ def run(recipe: Recipe, *, ctx: StageContext) -> StageReport:
     scratch = launch.scratch_dir(ctx.work_dir, name=SCRATCH)
     student = _student_model(ctx.inputs["train"], scratch=ctx.run_dir / ".work")
     setup = _prepare(recipe, student=student, work_dir=ctx.work_dir, progress=ctx.options.progress, launcher=launcher)
-    prompts, dropped = _prompts(recipe, setup)
+    prompts, dropped = _prompts(recipe, setup, ctx.problems if ctx.problems is not None else load(recipe))
     if not prompts:
         raise DataError(
             f"onpolicy: no prompt left to sample ({dict(dropped)}); lower onpolicy.config.max_completion_length "
@@ -207,18 +211,12 @@ def _check_teacher_fits(teacher: str) -> None:
         )
 
 
-def _loaded(recipe: Recipe) -> list[Any]:
-    own = recipe.onpolicy.prompts
-    return load_problems(own, None) if own else load_problems(recipe.data, recipe.mixture)
-
-
-def _prompts(recipe: Recipe, setup: Setup) -> tuple[list[str], Counter[str]]:
+def _prompts(recipe: Recipe, setup: Setup, loaded: list[Loaded]) -> tuple[list[str], Counter[str]]:
     """The text prompts the student continues, and the problems left out by reason (duplicates, too long)."""
     sources = recipe.onpolicy.prompts or recipe.data
     templates = source_prompts(
         sources, teacher=recipe.teacher, where="onpolicy.prompts" if recipe.onpolicy.prompts else "data"
     )
-    loaded = _loaded(recipe)
     dropped: Counter[str] = Counter()
     for source in loaded:
         dropped.update(source.dropped)

@@ -17,9 +17,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from distill import lengths
-from distill.data import load_problems
+from distill.data import Loaded, content_hash, load_problems
 from distill.errors import DistillError
-from distill.manifest import canonical_hash
 from distill.mixture import interleave
 from distill.pipeline import StageContext, StageReport
 from distill.prompts import Prompts, check_template, resolve_template, source_prompts
@@ -32,10 +31,13 @@ from teacher.traces import GenerationStats, OnDone
 log = logging.getLogger(__name__)
 
 
-def input_hash(recipe: Recipe) -> str:
-    """Content hash of the problems the recipe selects (what the stage's output depends on besides settings)."""
-    loaded = load_problems(recipe.data, recipe.mixture)
-    return canonical_hash([p.to_dict() for source in loaded for p in source.problems])
+def load(recipe: Recipe) -> list[Loaded]:
+    """The problems the recipe selects. The runner loads them once, hashes them (`problems_hash`) to decide whether
+    the stage must run, and hands them to `run` in `ctx.problems`."""
+    return load_problems(recipe.data, recipe.mixture)
+
+
+problems_hash = content_hash
 
 
 def stream_traces(
@@ -103,7 +105,7 @@ def run(recipe: Recipe, *, ctx: StageContext) -> StageReport:
     teacher = _teacher(recipe)
     prompts = source_prompts(recipe.data, teacher=teacher)
     lengths.check_teacher(recipe)
-    loaded = load_problems(recipe.data, recipe.mixture)
+    loaded = ctx.problems if ctx.problems is not None else load(recipe)
     problems = interleave([source.problems for source in loaded])  # a run stopped early still holds the mix
     dropped: Counter[str] = Counter()
     for source in loaded:

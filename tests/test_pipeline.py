@@ -109,14 +109,23 @@ def test_pipeline_status_table(toy):
     assert [r["state"] for r in pipeline.status(recipe, runs_dir=tmp / "runs")] == ["done", "done"]
 
 
+def test_a_stage_loads_its_problems_once(toy):
+    """One load per run: the runner hashes what it loaded and hands the same object to the stage."""
+    tmp, recipe_path, _ = toy
+    toystage.LOADS.clear()
+    pipeline.run_stage(load_recipe(recipe_path), "make", runs_dir=tmp / "runs", options=OPTS)
+    assert len(toystage.LOADS) == 1
+
+
 def test_status_reads_manifests_not_datasets(toy):
     """The manifest lists what its input hash was made of, so status judges from it without loading the data."""
     tmp, recipe_path, data = toy
     recipe = load_recipe(recipe_path)
     made = run_all(recipe_path, tmp / "runs")
-    assert made["make"].inputs == {"problems": toystage.input_hash(recipe)}
+    assert made["make"].inputs == {"problems": toystage.problems_hash(toystage.load(recipe))}
     assert made["count"].inputs == {"make": made["make"].output_hash}
     data.unlink()  # loading it now would fail: status must not need it
+    toystage.LOADS.clear()
     assert [r["state"] for r in pipeline.status(recipe, runs_dir=tmp / "runs")] == ["done", "done"]
 
 

@@ -15,7 +15,7 @@ from distill.prompts import check_template, messages, with_think_prefix
 from distill.records import Problem, Trace, problem_id, split_reasoning
 from distill.schema import Recipe, Teacher
 from teacher.completions import normalise_completion
-from teacher.generate import input_hash
+from teacher.generate import load, problems_hash
 from teacher.generation_progress import ProgressBar
 from teacher.shards import ShardStore, shard_of
 from teacher.traces import GenerationStats, make_trace
@@ -178,6 +178,10 @@ def _local_recipe(path: Path, **data) -> Recipe:
 def test_input_hash_follows_the_selected_problems(tmp_path: Path):
     path = tmp_path / "p.jsonl"
     files.write_jsonl(path, [{"problem": f"q{i}", "answer": str(i)} for i in range(4)])
+
+    def input_hash(recipe: Recipe) -> str:
+        return problems_hash(load(recipe))
+
     assert input_hash(_local_recipe(path, limit=3)) == input_hash(_local_recipe(path, limit=3))
     assert input_hash(_local_recipe(path, limit=3)) != input_hash(_local_recipe(path, limit=4))
 

@@ -1,7 +1,7 @@
 """Two minimal stages for testing the runner's mechanics (skip, re-run, swap, kill safety) in isolation.
 
-They follow the real stage contract (`run(recipe, *, ctx) -> StageReport`, `input_hash(recipe)`); the library
-stages have their own end-to-end tests.
+They follow the real stage contract (`run(recipe, *, ctx) -> StageReport`, `load(recipe)`,
+`problems_hash(loaded)`); the library stages have their own end-to-end tests.
 """
 
 from __future__ import annotations
@@ -20,12 +20,20 @@ STAGES = {
 }
 
 
-def input_hash(recipe) -> str:
-    return canonical_hash(files.sha256_file(recipe.data[0].path))
+LOADS = []  # one entry per load: the runner must load a stage's problems once per run
+
+
+def load(recipe):
+    LOADS.append(recipe.data[0].path)
+    return recipe.data[0].path
+
+
+def problems_hash(path) -> str:
+    return canonical_hash(files.sha256_file(path))
 
 
 def run(recipe, *, ctx) -> StageReport:
-    rows = list(files.read_jsonl(recipe.data[0].path))
+    rows = list(files.read_jsonl(ctx.problems))
     limit = recipe.data[0].limit or len(rows)
     out = [{"problem": r["problem"].upper()} for r in rows[:limit]]
     if os.environ.get("TOY_HANG"):  # for the kill test: leave a partial file, then wait to be killed
