@@ -18,7 +18,8 @@ from typing import Any
 
 from distill import files
 from distill.errors import DistillError
-from distill.manifest import Manifest, read_manifest, write_manifest
+from distill.manifest import Manifest, read_manifest
+from distill.manifest import finish_by_hand as mark_finished
 from distill.tinymodel import CPU_ENGINE
 
 PROMPT = "What is {a} + {b}?"
@@ -84,20 +85,7 @@ def problems_file(ws: Workspace, count: int) -> Path:
 
 def finish_by_hand(stage_dir: Path, *, recipe: str, counts: dict[str, Any]) -> None:
     """Mark an upstream output made here as finished: the runner then hands it to the stage under check."""
-    write_manifest(
-        stage_dir,
-        Manifest(
-            stage=stage_dir.name,
-            recipe=recipe,
-            section_hash="gpu-check",
-            input_hash="gpu-check",
-            output_hash=files.sha256_tree(stage_dir),
-            counts=counts,
-            started_at="",
-            finished_at="",
-            wall_s=0.0,
-        ),
-    )
+    mark_finished(stage_dir, counts=counts, recipe=recipe, tag="gpu-check")
 
 
 def kept_rows(ws: Workspace, count: int = 32) -> None:

@@ -38,23 +38,9 @@ TINY_ENGINE = dict(CPU_ENGINE)
 
 def finish_stage(stage_dir: Path, counts: dict) -> None:
     """Mark a hand-made stage directory finished, as the runner would (a manifest over its current files)."""
-    from distill import files
-    from distill.manifest import Manifest, write_manifest
+    from distill.manifest import finish_by_hand
 
-    write_manifest(
-        stage_dir,
-        Manifest(
-            stage=stage_dir.name,
-            recipe=stage_dir.parent.name,
-            section_hash="s",
-            input_hash="i",
-            output_hash=files.sha256_tree(stage_dir),
-            counts=counts,
-            started_at="",
-            finished_at="",
-            wall_s=0.0,
-        ),
-    )
+    finish_by_hand(stage_dir, counts=counts)
 
 
 @pytest.fixture(scope="session")
