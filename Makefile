@@ -43,8 +43,15 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# Every bench/*.py but the harness and the table script; each one's stdout (its JSON line) is kept for the table.
+BENCHES := $(filter-out bench/harness.py bench/table.py,$(wildcard bench/*.py))
 bench: install
-	set -e; for bench in bench/*.py; do $(PY) $$bench; done
+	@set -e; out=$$(mktemp -d); \
+	for bench in $(BENCHES); do \
+	  name=$$(basename $$bench .py); echo "== $$bench $(ARGS)"; \
+	  $(PY) $$bench $(ARGS) > $$out/$$name.out; tail -n 1 $$out/$$name.out; \
+	done; \
+	$(PY) bench/table.py $$out/*.out
 
 demo: install
 	$(DISTILL) demo run recipes/demo.yaml $(ARGS)

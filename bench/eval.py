@@ -1,6 +1,6 @@
 """Eval stage throughput versus a raw vLLM + math-verify script: same model, problems, prompts, sampling, engine.
 
-    .venv/bin/python bench/eval.py [--problems 256] [--n 4] [--max-tokens 160] [--repeats 2]
+    .venv/bin/python bench/eval.py [--problems 256] [--n 4] [--max-tokens 160] [--rounds 3] [--quick]
 
 Stage: `distill eval` in-process (`pipeline.run_stage(recipe, "eval")`, `eval.model` set: one model, scored by
 `distill.scoring.score_model`): prompt checks, generation through the teacher's offline backend, verification in
@@ -13,9 +13,11 @@ throughput) are excluded from both: each clock starts when `vllm.LLM(...)` has r
 timed apart (`stage_shutdown_s`) and taken out. The model: the demo's tiny teacher, SFT-trained only
 `--teacher-steps`, enough that every sample ends in `</think>` and a `\\boxed{}` (mostly wrong sums) and is really
 verified; the problems: its held-out additions; both cached in `--dir`. Each measurement runs in its own process (a
-second vLLM engine in one process runs slower), alternating who goes first; medians over `--repeats`. Target >= 0.9.
-Also samples per CPU-second (stage: its process + verify workers), steadier on a shared machine. Last line:
-{"bench": "eval", "ratio_vs_raw": ..., "stage_samples_per_s": ..., "raw_samples_per_s": ..., "samples": ...}
+second vLLM engine in one process runs slower); rounds interleave the two sides after a warm-up (bench/harness.py:
+ABBA order) and the ratio is the median of per-round ratios, with its spread. Target >= 0.9. Also samples per
+CPU-second (stage: its process + verify workers), steadier on a shared machine. `--quick`: 32 problems, one round.
+Last line: {"bench": "eval", "ratio_vs_raw": ..., "spread": [min, max], "rounds": ..., "load_avg": [start, end],
+"stage_samples_per_s": ..., "raw_samples_per_s": ..., "samples": ..., "target": {...}}
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import importlib.util
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,11 +37,16 @@ from typing import TYPE_CHECKING, Any
 
 # This folder holds files named like the packages they measure: drop it from the path so `import teacher` works.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+_spec = importlib.util.spec_from_file_location("bench_harness", Path(__file__).with_name("harness.py"))
+harness = sys.modules.setdefault("bench_harness", importlib.util.module_from_spec(_spec))
+_spec.loader.exec_module(harness)
 ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1", "VLLM_HOST_IP": "127.0.0.1"}
 for key, value in {**ENV, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}.items():
     os.environ.setdefault(key, value)
 
 if TYPE_CHECKING:  # imports stay in the functions: the stage's verification workers import this file again
+    from collections.abc import Callable
+
     from distill.schema import Recipe
 
 
@@ -151,16 +158,33 @@ def child(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def side(kind: str, args: argparse.Namespace, seen: dict[str, Any]) -> Callable[[], dict[str, Any]]:
+    """One side for the harness: a child measurement, checked to score the same samples and prompts as every other."""
+
+    def call() -> dict[str, Any]:
+        r = child(kind, args)
+        for key in ("samples", "prompts"):
+            if seen.setdefault(key, r[key]) != r[key]:
+                sys.exit(f"bench/eval.py: {kind} differs in {key}: {r[key]} (others: {seen[key]})")
+        seen.setdefault(f"{kind}_tokens", r["tokens"])
+        parts = {k: v for k, v in r.items() if k.endswith("_s")}
+        return {"rate": (r["samples"], r["s"]), "cpu": (r["samples"], r["cpu"]), **parts}
+
+    return call
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--problems", type=int, default=256, help="held-out problems scored (at most 512)")
     parser.add_argument("--n", type=int, default=4, help="samples per problem (eval.sampling.n)")
     parser.add_argument("--max-tokens", type=int, default=160)
-    parser.add_argument("--repeats", type=int, default=2)
+    harness.add_arguments(parser)
     parser.add_argument("--teacher-steps", type=int, default=200, help="SFT steps of the demo teacher scored")
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "distill-bench-eval")
     parser.add_argument("--only", choices=["raw", "stage"], help=argparse.SUPPRESS)  # child: one measurement
     args = parser.parse_args()
+    if args.quick:
+        args.problems = min(args.problems, 32)
     recipe = bench_recipe(args.dir, args)
     if args.only:
         with tempfile.TemporaryDirectory() as runs:
@@ -172,28 +196,19 @@ def main() -> None:
     with contextlib.redirect_stdout(sys.stderr):  # the teacher's training logs; cached by its settings after that
         settings = Settings(problems=8, heldout=512, teacher_problems=1600, teacher_steps=args.teacher_steps)
         prepare(recipe, settings=settings, progress=False)
-    results: dict[str, list[dict[str, Any]]] = {"raw": [], "stage": []}
-    for repeat in range(args.repeats):
-        for kind in ("stage", "raw") if repeat % 2 == 0 else ("raw", "stage"):
-            results[kind].append(r := child(kind, args))
-            parts = ", ".join(f"{k[:-2]} {v:.2f}" for k, v in r.items() if k.endswith("_s"))
-            rates = f"{r['samples'] / r['s']:.1f} samples/s, {r['samples'] / r['cpu']:.1f}/CPU-s"
-            print(f"{repeat} {kind}: {rates} ({r['s']:.2f} s: {parts}), {r['tokens']} tokens", flush=True)
-    for key in ("samples", "prompts"):
-        if len(seen := {r[key] for runs in results.values() for r in runs}) != 1:
-            sys.exit(f"bench/eval.py: raw and stage differ in {key}: {seen}")
-    rate = {kind: statistics.median(r["samples"] / r["s"] for r in runs) for kind, runs in results.items()}
-    ratio = rate["stage"] / rate["raw"]
-    cpu_rate = {kind: statistics.median(r["samples"] / r["cpu"] for r in runs) for kind, runs in results.items()}
-    print(f"ratio {ratio:.3f} (target >= 0.9: {'met' if ratio >= 0.9 else 'missed'})", flush=True)
-    summary: dict[str, Any] = {"bench": "eval", "ratio_vs_raw": round(ratio, 3), "target": 0.9}
-    summary |= {f"{kind}_samples_per_s": round(rate[kind], 1) for kind in ("stage", "raw")}
-    summary["ratio_vs_raw_cpu"] = round(cpu_rate["stage"] / cpu_rate["raw"], 3)  # samples per CPU-s: steadier
-    summary |= {"samples": results["raw"][0]["samples"], "repeats": args.repeats}
+    seen: dict[str, Any] = {}
+    rounds = harness.rounds_of(args)
+    result = harness.compare(side("stage", args, seen), side("raw", args, seen), rounds=rounds, quick=args.quick)
+    ratio = result.ratio()
+    print(f"ratio {ratio:.3f} (target >= 0.9: {'met' if ratio >= 0.9 else 'missed'})", file=sys.stderr, flush=True)
+    summary: dict[str, Any] = {"bench": "eval", **result.fields("ratio_vs_raw"), "target": {"ratio_vs_raw": ">= 0.9"}}
+    summary |= {f"{kind}_samples_per_s": round(result.median(kind), 1) for kind in ("stage", "raw")}
+    summary["ratio_vs_raw_cpu"] = round(result.ratio("cpu"), 3)  # samples per CPU-s: steadier
+    summary |= {"samples": seen["samples"]}
     summary["timed"] = "generation + verification (+ the stage's own work); engine load, release, imports excluded"
-    for kind, runs in results.items():  # each side's parts (medians, seconds) and generated tokens
-        summary |= {f"{kind}_{k}": round(statistics.median(r[k] for r in runs), 2) for k in runs[0] if "_s" in k}
-        summary[f"{kind}_tokens"] = runs[0]["tokens"]
+    for kind, runs in result.values.items():  # each side's parts (medians, seconds) and generated tokens
+        summary |= {f"{kind}_{k}": round(result.median(kind, k), 2) for k in runs[0] if k.endswith("_s")}
+        summary[f"{kind}_tokens"] = seen[f"{kind}_tokens"]
     summary |= {"wall_s": round(time.monotonic() - t0, 1), "load_avg_1m": os.getloadavg()[0]}
     print(json.dumps(summary))
 

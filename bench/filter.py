@@ -1,22 +1,26 @@
 """Filter benchmark: verification throughput against the ideal, and peak memory as the input grows.
 
-    .venv/bin/python bench/filter.py            # prints progress, then a final JSON line
+    .venv/bin/python bench/filter.py [--rounds 3] [--quick]     # prints progress, then a final JSON line
 
 1. Plain rate: one process, the obvious loop `verify(parse(gold), parse(pred))` (math-verify defaults) over the
    base traces: the complete real traces in ../shared/data/reasoning_traces (prediction = text after `</think>`)
    and the 268 Math-Verify cases. Ideal = cores × plain rate.
 2. Stage rate: the filter stage (all default per-trace steps, `workers = cores`) on the same base traces repeated
    to `--stage-records`, each copy its own problem (so dedup is switched off: the copies are duplicates by design).
-   Records/s over the whole first pass, pool start-up included.
+   Records/s over the whole first pass, pool start-up included. Stage and plain (1., and `workers` plain processes
+   in parallel on the stage's records: the ideal measured, not multiplied) run in interleaved rounds after a
+   warm-up (bench/harness.py: ABBA order); ratios are medians of per-round ratios, with their spread.
 3. Peak RSS of the whole process tree (stage process + workers), sampled every 0.2 s, when filtering 10k and 200k
    records synthesised from the real traces (their gold and last `\\boxed{}` as the final, 2,000 characters of real
    reasoning; 8 samples per problem), cheap enough to verify that 200k records take minutes, not hours.
-Targets: ratio_vs_ideal >= 0.9; rss_mb_200k / rss_mb_10k < 1.5.
+Targets: ratio_vs_ideal >= 0.9; rss_mb_200k / rss_mb_10k < 1.5. `--quick`: 400 stage records, one round, RSS at
+2k and 20k records (still reported as rss_mb_10k / rss_mb_200k; `rss_records` says which).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -24,10 +28,14 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "data"  # the default `--data`: the real traces beside a checkout (CI has them)
+_spec = importlib.util.spec_from_file_location("bench_harness", Path(__file__).with_name("harness.py"))
+harness = sys.modules.setdefault("bench_harness", importlib.util.module_from_spec(_spec))
+_spec.loader.exec_module(harness)
 
 
 def base_pairs() -> list[tuple[str, str]]:
@@ -199,25 +207,48 @@ def measure_rss(records: int, folder: Path, workers: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def stage_rate(pairs: list[tuple[str, str]], args: argparse.Namespace) -> dict:
+def stage_side(pairs: list[tuple[str, str]], args: argparse.Namespace) -> Callable[[], dict[str, float]]:
+    """The filter stage on `--stage-records` copies of the base traces, a fresh work folder per call."""
     gen = args.dir / "stage" / "gen"
     gen.mkdir(parents=True, exist_ok=True)
     with (gen / "traces.jsonl").open("w") as handle:
         for index in range(args.stage_records):
             gold, final = pairs[index % len(pairs)]
             handle.write(json.dumps(trace_row(index, gold, final, per_problem=1)) + "\n")
-    return run_stage(gen / "traces.jsonl", args.dir / "stage" / "work", workers=args.workers)
+    calls = [0]
+
+    def call() -> dict[str, float]:
+        calls[0] += 1
+        stage = run_stage(gen / "traces.jsonl", args.dir / "stage" / f"work{calls[0]}", workers=args.workers)
+        rate = stage["verify_records_per_s"]
+        return {"ideal": rate, "cpu": stage["in"] / stage["cpu_s"], "parallel": rate}
+
+    return call
+
+
+def plain_side(pairs: list[tuple[str, str]], args: argparse.Namespace) -> Callable[[], dict[str, float]]:
+    """The ideal: `workers` × the plain loop's rate; its rate per CPU-second; `workers` plain processes measured."""
+    # as many passes over the base set as each stage worker makes, so math-verify's parse caches warm up alike
+    passes = max(1, round(args.stage_records / len(pairs) / args.workers))
+
+    def call() -> dict[str, float]:
+        plain, plain_cpu = plain_rate(pairs, rounds=passes)
+        parallel = parallel_plain_rate(pairs, records=args.stage_records, workers=args.workers)
+        return {"ideal": plain * args.workers, "cpu": plain_cpu, "parallel": parallel}
+
+    return call
 
 
 def main() -> None:
     global SHARED  # the trace readers above read it; `--data` sets it
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--stage-records", type=int, default=2000)
+    parser.add_argument("--stage-records", type=int, default=1000)
     parser.add_argument("--rss-records", type=int, nargs=2, default=[10_000, 200_000])
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--dir", type=Path, default=None, help="scratch folder (default: a new temporary one)")
     parser.add_argument("--data", type=Path, default=SHARED, help="folder with reasoning_traces/, verifier_cases/")
     parser.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
+    harness.add_arguments(parser)
     args = parser.parse_args()
     SHARED = args.data
     if args.rss_child is not None:
@@ -226,39 +257,35 @@ def main() -> None:
     if not (SHARED / "reasoning_traces").is_dir():
         print(json.dumps({"bench": "filter", "skipped": f"real traces not found at {SHARED} (pass --data DIR)"}))
         return
+    if args.quick:
+        args.stage_records, args.rss_records = min(args.stage_records, 400), [2_000, 20_000]
     args.dir = args.dir or Path(tempfile.mkdtemp(prefix="distill-bench-filter-"))
     pairs = base_pairs()
-    # as many passes over the base set as each stage worker makes, so math-verify's parse caches warm up alike
-    plain, plain_cpu = plain_rate(pairs, rounds=max(1, round(args.stage_records / len(pairs) / args.workers)))
-    stage = stage_rate(pairs, args)
-    parallel = parallel_plain_rate(pairs, records=args.stage_records, workers=args.workers)
-    ratio = stage["verify_records_per_s"] / (plain * args.workers)
-    cpu_eff = stage["in"] / stage["cpu_s"] / plain_cpu
-    print(
-        f"plain {plain:.1f}/s ({plain_cpu:.1f}/CPU-s); stage {stage['verify_records_per_s']:.1f}/s on "
-        f"{stage['in']} records, {args.workers} workers: ratio {ratio:.2f}, CPU efficiency {cpu_eff:.2f}; "
-        f"{args.workers} plain processes in parallel {parallel:.1f}/s",
-        flush=True,
+    result = harness.compare(
+        stage_side(pairs, args),
+        plain_side(pairs, args),
+        rounds=harness.rounds_of(args),
+        names=("stage", "plain"),
+        quick=args.quick,
     )
     small, large = (measure_rss(n, args.dir / f"rss{n}", args.workers) for n in args.rss_records)
-    print(f"peak RSS {small} / {large}", flush=True)
-    print(
-        json.dumps(
-            {
-                "bench": "filter",
-                "ratio_vs_ideal": round(ratio, 3),
-                "rss_mb_10k": small["peak_rss_mb"],
-                "rss_mb_200k": large["peak_rss_mb"],
-                "rss_growth": round(large["peak_rss_mb"] / small["peak_rss_mb"], 3),
-                "cpu_efficiency": round(cpu_eff, 3),
-                "ratio_vs_parallel_plain": round(stage["verify_records_per_s"] / parallel, 3),
-                "workers": args.workers,
-                "plain_records_per_s": round(plain, 1),
-                "stage_records_per_s": stage["verify_records_per_s"],
-                "load_avg_1m": os.getloadavg()[0],
-            }
-        )
-    )
+    print(f"peak RSS {small} / {large}", file=sys.stderr, flush=True)
+    summary = {"bench": "filter", **result.fields("ratio_vs_ideal", "ideal")}
+    summary |= {
+        "rss_mb_10k": small["peak_rss_mb"],
+        "rss_mb_200k": large["peak_rss_mb"],
+        "rss_growth": round(large["peak_rss_mb"] / small["peak_rss_mb"], 3),
+        "rss_records": args.rss_records,
+        "cpu_efficiency": round(result.ratio("cpu"), 3),
+        "ratio_vs_parallel_plain": round(result.ratio("parallel"), 3),
+        "spread_vs_parallel_plain": result.spread("parallel"),
+        "workers": args.workers,
+        "plain_records_per_s": round(result.median("plain", "ideal") / args.workers, 1),
+        "stage_records_per_s": round(result.median("stage", "ideal"), 1),
+        "load_avg_1m": os.getloadavg()[0],
+        "target": {"ratio_vs_ideal": ">= 0.9", "rss_growth": "< 1.5"},
+    }
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -1,32 +1,38 @@
 """Benchmark the on-policy stage against a bare TRL script, on the same tiny student, teacher and prompts.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/onpolicy.py [--prompts 64] [--steps 30] [--repeats 3]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/onpolicy.py [--prompts 64] [--steps 60] [--rounds 3] [--quick]
 
 Throughput: tokens/s through both models (TRL's `num_tokens`, prompt + sampled completion) over the training loop,
 of `distill onpolicy` (the whole stage: tokenizer pairing, template and length checks, prompt rendering, trainer,
 outputs) versus `DistillationTrainer(...).train()` written by hand with the same settings. The student is random
-init, so its samples run to `max_completion_length` and both sides move the same number of tokens. Runs alternate
-(and alternate who goes first); medians over `--repeats` are compared, since the cores are shared. Target >= 0.95.
+init, so its samples run to `max_completion_length` and both sides move the same number of tokens. Rounds interleave
+the two sides after a warm-up (bench/harness.py: ABBA order); the ratio is the median of the per-round ratios, with
+its spread, since the cores are shared. Target >= 0.95. `--quick`: 5 steps, one round.
 
-Last line: {"bench": "onpolicy", "ratio_vs_raw": ...}
+Last line: {"bench": "onpolicy", "ratio_vs_raw": ..., "spread": [min, max], "rounds": ..., "load_avg": [start, end],
+"stage_tok_s": [per round], "raw_tok_s": [per round], "target": {...}}
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import random
-import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 
 # This folder holds files named like the packages they measure: drop it from the path so `import student` works.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+_spec = importlib.util.spec_from_file_location("bench_harness", Path(__file__).with_name("harness.py"))
+harness = sys.modules.setdefault("bench_harness", importlib.util.module_from_spec(_spec))
+_spec.loader.exec_module(harness)
 
 from distill import files  # noqa: E402
 from distill.manifest import Manifest, write_manifest  # noqa: E402
@@ -114,9 +120,11 @@ def raw(tmp: Path, models: dict[str, Path], data: Path, steps: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=60)
+    harness.add_arguments(parser)
     args = parser.parse_args()
+    if args.quick:
+        args.steps = min(args.steps, 5)
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -125,17 +133,20 @@ def main() -> None:
             "teacher": build_tiny_model(tmp / "teacher", seed=1),
         }
         data = problems(args.prompts, tmp / "problems.jsonl")
-        ours, theirs, walls = [], [], []
-        for repeat in range(args.repeats):
-            order = (("stage", stage), ("raw", raw)) if repeat % 2 == 0 else (("raw", raw), ("stage", stage))
-            for name, measure in order:
+
+        def side(measure: Callable[[Path, dict[str, Path], Path, int], float]) -> Callable[[], dict[str, float]]:
+            def call() -> dict[str, float]:
                 t0 = time.monotonic()
-                value = measure(tmp, models, data, args.steps)
-                (ours if name == "stage" else theirs).append(value)
-                walls.append((name, round(time.monotonic() - t0, 1)))
-                print(f"{name}: {value:,.0f} tok/s ({walls[-1][1]} s whole call)", flush=True)
-    ratio = statistics.median(ours) / statistics.median(theirs)
-    print(json.dumps({"bench": "onpolicy", "ratio_vs_raw": round(ratio, 3), "stage_tok_s": ours, "raw_tok_s": theirs}))
+                rate = measure(tmp, models, data, args.steps)
+                return {"tok_s": rate, "wall_s": time.monotonic() - t0}  # wall: the whole call, start-up included
+
+            return call
+
+        result = harness.compare(side(stage), side(raw), rounds=harness.rounds_of(args), quick=args.quick)
+    summary = {"bench": "onpolicy", **result.fields("ratio_vs_raw", "tok_s")}
+    summary |= {f"{kind}_tok_s": [round(v["tok_s"], 1) for v in result.values[kind]] for kind in ("stage", "raw")}
+    summary["target"] = {"ratio_vs_raw": ">= 0.95"}
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

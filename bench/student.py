@@ -1,30 +1,33 @@
 """Benchmark the student stage against a bare TRL script, on the same tiny model, data and settings.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/student.py [--rows 512] [--steps 60] [--repeats 4]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/student.py [--rows 512] [--steps 240] [--rounds 3] [--quick]
 
 1. Throughput: train tokens/s of `student.train.run` (the whole stage: checks, length fitting, trainer, outputs)
    measured over its training loop, versus `SFTTrainer(...).train()` written by hand. Tokens are the (unpadded)
    tokens of the rows trained (prompt and reply), counted independently for each (the bare run counts its own
    tokenized dataset).
-   Runs alternate (and alternate who goes first); medians over `--repeats` are compared, since the cores are
-   shared and single runs swing by 20%. Target: ratio >= 0.95.
+   Rounds interleave the two sides after a warm-up (bench/harness.py: ABBA order); the ratio is the median of the
+   per-round ratios, with its spread, since the cores are shared and single runs swing by 20%. Target: ratio >= 0.95.
    The wall time of each whole call (start-up and the stage's checks/outputs included) is reported beside it.
+   `--quick`: 10 steps, one round.
 2. Useful tokens: the share of non-padding tokens in the batches our trainer collates with packing (bfd) and with
    padding-free batching, against plain padded batches for reference. Target: >= 0.9.
 
-Last line: {"bench": "student", "ratio_vs_raw": ..., "useful_token_ratio": ...}
+Last line: {"bench": "student", "ratio_vs_raw": ..., "spread": [min, max], "rounds": ..., "load_avg": [start, end],
+"useful_token_ratio": ..., "target": {...}, ...}
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import random
-import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from distill import files
@@ -35,6 +38,9 @@ from distill.tinymodel import build_tiny_model
 
 # This file is named like the package it measures: drop its folder from the path so `import student` finds the package.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+_spec = importlib.util.spec_from_file_location("bench_harness", Path(__file__).with_name("harness.py"))
+harness = sys.modules.setdefault("bench_harness", importlib.util.module_from_spec(_spec))
+_spec.loader.exec_module(harness)
 
 SETTINGS = {
     "per_device_train_batch_size": 8,
@@ -154,28 +160,37 @@ def useful_ratio(model: Path, data: list[dict], tmp: Path, sft: dict) -> float:
     return real / total
 
 
+def timed(runner: Callable[..., float], model: Path, data: list[dict], tmp: Path, steps: int) -> Callable[[], dict]:
+    """One side of the comparison: a fresh folder per call; tokens/s of the loop, and the whole call's seconds."""
+    calls = [0]
+
+    def side() -> dict[str, float]:
+        calls[0] += 1
+        t0 = time.monotonic()
+        rate = runner(model, data, tmp / f"{runner.__name__}{calls[0]}", steps)
+        return {"tok_s": rate, "wall_s": time.monotonic() - t0}
+
+    return side
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=240)
+    harness.add_arguments(parser)
     args = parser.parse_args()
+    if args.quick:
+        args.steps = min(args.steps, 10)
     logging.basicConfig(level=logging.WARNING)
     tmp = Path(tempfile.mkdtemp(prefix="bench-student-"))
     model = build_tiny_model(tmp / "tiny")
     data = rows(args.rows)
-    stage, raw, walls = [], [], {"stage": [], "raw": []}
-    for i in range(args.repeats):
-        for name in ("stage", "raw") if i % 2 == 0 else ("raw", "stage"):  # alternate who goes first
-            t0 = time.monotonic()
-            runner, results = (stage_run, stage) if name == "stage" else (raw_run, raw)
-            results.append(runner(model, data, tmp / f"{name}{i}", args.steps))
-            walls[name].append(time.monotonic() - t0)
-        print(
-            f"repeat {i}: stage {stage[-1]:,.0f} tok/s ({walls['stage'][-1]:.1f} s wall), raw {raw[-1]:,.0f} tok/s "
-            f"({walls['raw'][-1]:.1f} s wall)",
-            file=sys.stderr,
-        )
+    result = harness.compare(
+        timed(stage_run, model, data, tmp, args.steps),
+        timed(raw_run, model, data, tmp, args.steps),
+        rounds=harness.rounds_of(args),
+        quick=args.quick,
+    )
     ratios = {
         name: useful_ratio(model, data, tmp / name, sft)
         for name, sft in {
@@ -185,22 +200,20 @@ def main() -> int:
         }.items()
     }
     print(f"useful token share per batch: {ratios}", file=sys.stderr)
-    print(
-        json.dumps(
-            {
-                "bench": "student",
-                "ratio_vs_raw": round(statistics.median(stage) / statistics.median(raw), 3),
-                "ratio_best_vs_best": round(max(stage) / max(raw), 3),
-                "useful_token_ratio": round(min(ratios["packing_bfd"], ratios["padding_free"]), 3),
-                "stage_tok_s": round(statistics.median(stage)),
-                "raw_tok_s": round(statistics.median(raw)),
-                "padded_token_ratio": round(ratios["padded"], 3),
-                # whole call, start-up included: the stage also checks, measures rows and writes metrics/plot
-                "stage_wall_s": round(min(walls["stage"]), 1),
-                "raw_wall_s": round(min(walls["raw"]), 1),
-            }
-        )
-    )
+    best = {kind: max(v["tok_s"] for v in result.values[kind]) for kind in ("stage", "raw")}
+    summary = {"bench": "student", **result.fields("ratio_vs_raw", "tok_s")}
+    summary |= {
+        "ratio_best_vs_best": round(best["stage"] / best["raw"], 3),
+        "useful_token_ratio": round(min(ratios["packing_bfd"], ratios["padding_free"]), 3),
+        "stage_tok_s": round(result.median("stage", "tok_s")),
+        "raw_tok_s": round(result.median("raw", "tok_s")),
+        "padded_token_ratio": round(ratios["padded"], 3),
+        # whole call, start-up included: the stage also checks, measures rows and writes metrics/plot
+        "stage_wall_s": round(min(v["wall_s"] for v in result.values["stage"]), 1),
+        "raw_wall_s": round(min(v["wall_s"] for v in result.values["raw"]), 1),
+        "target": {"ratio_vs_raw": ">= 0.95", "useful_token_ratio": ">= 0.9"},
+    }
+    print(json.dumps(summary))
     return 0
 
 

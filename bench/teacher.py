@@ -1,19 +1,23 @@
 """Teacher stage throughput versus a bare `LLM.generate` call: same tiny model, same prompts, same SamplingParams.
 
-    .venv/bin/python bench/teacher.py [--problems 64] [--n 4] [--max-tokens 128] [--rounds 2]
+    .venv/bin/python bench/teacher.py [--problems 128] [--n 4] [--max-tokens 256] [--rounds 3] [--quick]
 
 The stage's rate is generated tokens over its generation time (first request to last durable write, so prompt
 rendering, trace building, JSON and fsync are all inside); the raw rate is `LLM.generate` on the same rendered
 prompts, tokenisation included. `ignore_eos` makes both do exactly the same work. Each measurement runs in its own
-process (a second vLLM engine in one CPU process runs ~25% slower than the first, which would bias the order),
-alternating raw and stage; best of `--rounds` each. Final line:
-{"bench": "teacher", "ratio_vs_raw": ..., "stage_tok_s": ..., "raw_tok_s": ..., "ratio_vs_raw_cpu": ...}
-(target ratio >= 0.95; the CPU-time ratio is the steadier one on a machine shared with other jobs).
+process (a second vLLM engine in one CPU process runs ~25% slower than the first, which would bias the order);
+engine load is outside both clocks. Rounds interleave the two sides after a warm-up (bench/harness.py); the ratio
+is the median of per-round ratios, with its spread. Final line:
+{"bench": "teacher", "ratio_vs_raw": ..., "spread": [min, max], "rounds": ..., "load_avg": [start, end],
+ "stage_tok_s": ..., "raw_tok_s": ..., "ratio_vs_raw_cpu": ..., "target": {...}}
+(target ratio >= 0.95; the CPU-time ratio is the steadier one on a machine shared with other jobs). `--quick`:
+16 problems x 64 tokens, one round.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -24,6 +28,9 @@ from pathlib import Path
 
 # Run as a script, this file's folder comes first on sys.path and `teacher` would name this file, not the package.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+_spec = importlib.util.spec_from_file_location("bench_harness", Path(__file__).with_name("harness.py"))
+harness = sys.modules.setdefault("bench_harness", importlib.util.module_from_spec(_spec))
+_spec.loader.exec_module(harness)
 for key, value in {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     "OMP_NUM_THREADS": "1",
@@ -112,10 +119,10 @@ def child(kind: str, model: Path, args: argparse.Namespace) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--problems", type=int, default=64)
+    parser.add_argument("--problems", type=int, default=128)
     parser.add_argument("--n", type=int, default=4)
-    parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=256)
+    harness.add_arguments(parser)
     parser.add_argument("--only", choices=["raw", "stage"], help=argparse.SUPPRESS)  # child process: one measurement
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, default=DATA, help="MATH-500 test.jsonl (prompts only)")
@@ -126,31 +133,23 @@ def main() -> None:
     if args.only:
         print(json.dumps({args.only: measure(args)}))
         return
-    rates: dict[str, list[dict[str, float]]] = {"raw": [], "stage": []}
+    if args.quick:
+        args.problems, args.max_tokens = min(args.problems, 16), min(args.max_tokens, 64)
     with tempfile.TemporaryDirectory() as tmp:
         model = build_tiny_model(Path(tmp) / "tiny")
-        for round_ in range(args.rounds):
-            for kind in ("raw", "stage"):
-                rates[kind].append(child(kind, model, args))
-            raw, stage = rates["raw"][-1], rates["stage"][-1]
-            print(
-                f"round {round_}: raw {raw['wall']:,.0f} tok/s ({raw['cpu']:,.0f} per CPU-s), "
-                f"stage {stage['wall']:,.0f} tok/s ({stage['cpu']:,.0f} per CPU-s)",
-                flush=True,
-            )
-    best = {kind: {clock: max(r[clock] for r in runs) for clock in ("wall", "cpu")} for kind, runs in rates.items()}
-    print(
-        json.dumps(
-            {
-                "bench": "teacher",
-                "ratio_vs_raw": round(best["stage"]["wall"] / best["raw"]["wall"], 3),
-                "stage_tok_s": round(best["stage"]["wall"], 1),
-                "raw_tok_s": round(best["raw"]["wall"], 1),
-                # Tokens per CPU-second: the same comparison, insensitive to other jobs on a shared machine.
-                "ratio_vs_raw_cpu": round(best["stage"]["cpu"] / best["raw"]["cpu"], 3),
-            }
+        result = harness.compare(
+            lambda: child("stage", model, args),
+            lambda: child("raw", model, args),
+            rounds=harness.rounds_of(args),
+            quick=args.quick,
         )
-    )
+    summary = {"bench": "teacher", **result.fields("ratio_vs_raw", "wall")}
+    summary |= {f"{kind}_tok_s": round(result.median(kind, "wall"), 1) for kind in ("stage", "raw")}
+    # Tokens per CPU-second: the same comparison, insensitive to other jobs on a shared machine.
+    summary["ratio_vs_raw_cpu"] = round(result.ratio("cpu"), 3)
+    summary["spread_cpu"] = result.spread("cpu")
+    summary["target"] = {"ratio_vs_raw": ">= 0.95"}
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":
