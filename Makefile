@@ -35,6 +35,7 @@ install:
 	if [ "$$want" = cpu ]; then $(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec; fi; \
 	$(DISTILL) recipe check recipes/*.yaml >/dev/null; \
 	echo $$want > $(STAMP)
+	@$(PY) -m distill.filter.isolation --install-hint
 
 test: install
 	$(PY) -m pytest

@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--kind", choices=["math", "choice", "code"], default="math")
     verify.add_argument("--output", type=Path, required=True, help="JSONL to write (atomically)")
     verify.add_argument("--timeout", type=float, default=5.0, help="seconds per answer check")
+    verify.add_argument(
+        "--sandbox", choices=["bwrap", "unshare", "rlimits"], default="bwrap", help="isolation for --kind code"
+    )
     verify.add_argument("--workers", type=int, default=None, help="processes (default: every core)")
     verify.add_argument("--no-progress", action="store_true")
     merge = sub.add_parser("merge", help="fold a LoRA adapter into its base model (safetensors)")

@@ -192,6 +192,12 @@ class Filter(Section):
         "is counted as `verify_timeout` / `time_limit`, never a hang.",
     )
     workers: int | None = Field(None, ge=1, description="Verification processes; unset uses every core.")
+    sandbox: Literal["bwrap", "unshare", "rlimits"] = Field(
+        "bwrap",
+        description="Isolation for model-written code (filter and code benchmarks): `bwrap` hides the network and "
+        "the file system and is required unless you opt out; `unshare` (no network, readable file system) and "
+        "`rlimits` (limits only) are weaker, warned about, and named in funnel.md and the dataset card.",
+    )
 
     _names_as_sources = field_validator("decontaminate", mode="before")(lambda value: as_sources(value))
     _unweighted = field_validator("decontaminate")(lambda value: unweighted_sources(value, "decontaminate"))

@@ -280,12 +280,12 @@ def judge(problems: list[Problem], traces: list[Trace], *, n: int, pool: Any, to
 @contextlib.contextmanager
 def verify_pool(recipe: Recipe) -> Iterator[Any]:
     """The filter's own steps and worker pool for judging samples: `truncated` (cut by max_tokens or no `</think>`),
-    the answer check's reasons, `ok`. Same words and timeouts as the filter stage."""
+    the answer check's reasons, `ok`. Same words, timeouts and sandbox (`filter.sandbox`) as the filter stage."""
     from distill.filter.pool import VerifyPool
     from distill.filter.steps import AnswerMatches, Truncated
 
     timeout_s, workers = recipe.filter.verify_timeout_s, recipe.filter.workers
-    steps = [Truncated(), AnswerMatches(verify=True, timeout_s=timeout_s)]
+    steps = [Truncated(), AnswerMatches(verify=True, timeout_s=timeout_s, sandbox=recipe.filter.sandbox)]
     with VerifyPool(steps=steps, workers=workers or os.cpu_count() or 1, timeout_s=timeout_s) as pool:
         yield pool
 

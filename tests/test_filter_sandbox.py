@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from distill.filter import answers, sandbox
+from distill.filter import answers, isolation, sandbox
 
 ADD = "a, b = map(int, input().split())\nprint(a + b)\nprint(a * b)\n"
 TESTS = [{"input": "3 4\n", "output": "7\n12\n"}, {"input": "2 5", "output": "7\n10"}]
@@ -21,16 +21,16 @@ TESTS = [{"input": "3 4\n", "output": "7\n12\n"}, {"input": "2 5", "output": "7\
 
 @pytest.fixture(scope="module", autouse=True)
 def _bwrap() -> None:
-    assert sandbox.isolation() == "bwrap", "bubblewrap is required for the sandbox tests: apt-get install bubblewrap"
+    assert isolation.problem("bwrap") is None, "the sandbox tests need bubblewrap: apt-get install bubblewrap"
 
 
 def test_filter_sandbox_correct_code_passes() -> None:
-    result = sandbox.run_tests(ADD, TESTS, timeout_s=5)
+    result = sandbox.run_tests(ADD, TESTS, timeout_s=5, mode="bwrap")
     assert (result.reason, result.isolation) == ("ok", "bwrap")
 
 
 def test_filter_sandbox_prefix_of_expected_lines_fails() -> None:
-    result = sandbox.run_tests("a, b = map(int, input().split())\nprint(a + b)\n", TESTS, timeout_s=5)
+    result = sandbox.run_tests("a, b = map(int, input().split())\nprint(a + b)\n", TESTS, timeout_s=5, mode="bwrap")
     assert result.reason == "wrong_answer"
     assert "missing line 2" in result.detail
 
@@ -49,7 +49,7 @@ def test_filter_sandbox_has_no_network() -> None:
     threading.Thread(target=lambda: server.accept(), daemon=True).start()
     socket.create_connection(("127.0.0.1", port), timeout=2).close()
     code = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\nprint('connected')\n"
-    result = sandbox.run_tests(code, [{"input": "", "output": "connected"}], timeout_s=5)
+    result = sandbox.run_tests(code, [{"input": "", "output": "connected"}], timeout_s=5, mode="bwrap")
     server.close()
     assert result.reason == "runtime_error"
     assert "Connection refused" in result.detail or "unreachable" in result.detail
@@ -58,33 +58,35 @@ def test_filter_sandbox_has_no_network() -> None:
 def test_filter_sandbox_cannot_write_outside_its_dir(tmp_path: Path) -> None:
     target = tmp_path / "escaped.txt"
     code = f"open({str(target)!r}, 'w').write('x')\n"
-    result = sandbox.run_tests(code, [{"input": "", "output": ""}], timeout_s=5)
+    result = sandbox.run_tests(code, [{"input": "", "output": ""}], timeout_s=5, mode="bwrap")
     assert result.reason == "runtime_error"
     assert not target.exists()
 
 
 def _sandbox_processes() -> int:
-    out = subprocess.run(["ps", "-u", str(sandbox.NOBODY), "-o", "pid="], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-u", str(isolation.NOBODY), "-o", "pid="], capture_output=True, text=True).stdout
     return len(out.split())
 
 
 def test_filter_sandbox_stops_a_fork_bomb_and_cleans_up() -> None:
     bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
     start = time.monotonic()
-    result = sandbox.run_tests(bomb, [{"input": "", "output": ""}], timeout_s=2)
+    result = sandbox.run_tests(bomb, [{"input": "", "output": ""}], timeout_s=2, mode="bwrap")
     assert result.reason == "time_limit"
     assert time.monotonic() - start < 20
     assert _sandbox_processes() == 0  # the whole pid namespace is gone before run_tests returns
-    assert sandbox.run_tests(ADD, TESTS, timeout_s=5).reason == "ok"  # and the next program can start
+    assert sandbox.run_tests(ADD, TESTS, timeout_s=5, mode="bwrap").reason == "ok"  # and the next program can start
 
 
 def test_filter_sandbox_stops_an_8gb_allocation() -> None:
-    result = sandbox.run_tests("x = bytearray(8 * 2**30)\n", [{"input": "", "output": ""}], timeout_s=5)
+    result = sandbox.run_tests("x = bytearray(8 * 2**30)\n", [{"input": "", "output": ""}], timeout_s=5, mode="bwrap")
     assert result.reason == "memory_limit"
 
 
 def test_filter_sandbox_wall_timeout() -> None:
-    result = sandbox.run_tests("import time\ntime.sleep(60)\n", [{"input": "", "output": ""}], timeout_s=1)
+    result = sandbox.run_tests(
+        "import time\ntime.sleep(60)\n", [{"input": "", "output": ""}], timeout_s=1, mode="bwrap"
+    )
     assert result.reason == "time_limit"
 
 

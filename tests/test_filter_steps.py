@@ -82,7 +82,7 @@ def test_filter_step_names_follow_class_names(tiny_model: Path) -> None:
 
 
 def test_filter_funnel_zero_counts_and_undeclared_reason() -> None:
-    made = [steps.Truncated(), steps.AnswerMatches(verify=True, timeout_s=1)]
+    made = [steps.Truncated(), steps.AnswerMatches(verify=True, timeout_s=1, sandbox="bwrap")]
     funnel = steps.Funnel(made)
     funnel.replay(made, None, "ok")
     funnel.replay(made, 1, "wrong_answer")

@@ -124,7 +124,7 @@ def test_filter_adversarial_inputs_finish_within_timeout() -> None:
         _item("x " * 2_500_000 + "\\boxed{3}", "3"),  # a 5 MB response
         _item("\\boxed{3}", "3"),
     ]
-    steps = [Truncated(), AnswerMatches(verify=True, timeout_s=timeout)]
+    steps = [Truncated(), AnswerMatches(verify=True, timeout_s=timeout, sandbox="bwrap")]
     with VerifyPool(steps=steps, workers=2, timeout_s=timeout) as pool:
         for item in items:
             start = time.monotonic()
@@ -145,7 +145,7 @@ class _Stall(AnswerMatches):
 
 
 def test_filter_hard_timeout_kills_a_stuck_worker_and_goes_on() -> None:
-    steps = [_Stall(verify=True, timeout_s=1.0)]
+    steps = [_Stall(verify=True, timeout_s=1.0, sandbox="bwrap")]
     tasks = [[_item("\\boxed{3}"), _item("stall"), _item("\\boxed{4}")], [_item("\\boxed{3}")]]
     start = time.monotonic()
     with VerifyPool(steps=steps, workers=1, timeout_s=1.0) as pool:
@@ -159,7 +159,10 @@ def test_filter_worker_setup_failure_fails_clearly(tmp_path: Path) -> None:
     from distill.errors import DistillError
     from distill.filter.steps import TooLong
 
-    steps = [TooLong(model=str(tmp_path / "no-such-model"), max_tokens=10), AnswerMatches(verify=True, timeout_s=1)]
+    steps = [
+        TooLong(model=str(tmp_path / "no-such-model"), max_tokens=10),
+        AnswerMatches(verify=True, timeout_s=1, sandbox="bwrap"),
+    ]
     with (
         pytest.raises(DistillError, match="filter worker failed"),
         VerifyPool(steps=steps, workers=1, timeout_s=1) as pool,

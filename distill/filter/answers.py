@@ -163,8 +163,9 @@ def has_answer(kind: str, final: str, *, n_choices: int = 26) -> bool:
     return bool(final.strip())
 
 
-def check(item: dict[str, Any], *, timeout_s: float) -> str:
-    """Reason for one item {kind, answer, final, choices?, tests?}; kind `none` is never passed here."""
+def check(item: dict[str, Any], *, timeout_s: float, sandbox: str = "bwrap") -> str:
+    """Reason for one item {kind, answer, final, choices?, tests?}; kind `none` is never passed here. Code runs
+    under the `sandbox` mode (`filter.sandbox`), which the stage has checked before the first code item."""
     kind = item["kind"]
     if kind in ("math", "choice") and item.get("answer") in (None, ""):
         return "verify_error"  # no reference to check against: not the model's fault, and not a pass
@@ -180,5 +181,5 @@ def check(item: dict[str, Any], *, timeout_s: float) -> str:
         code = final_code(item["final"])
         if code is None:
             return "no_answer"
-        return run_tests(code, item.get("tests") or [], timeout_s=timeout_s).reason
+        return run_tests(code, item.get("tests") or [], timeout_s=timeout_s, mode=sandbox).reason  # type: ignore[arg-type]
     raise ValueError(f"no verifier for kind {kind!r}")

@@ -110,6 +110,7 @@ class VerifyPool:
         self.slots: list[_Slot] = []
         self.killed = 0  # workers replaced after a hard timeout or a crash
         self.worker_cpu_s = 0.0  # CPU seconds of the workers that exited cleanly (summed at exit)
+        self.kinds: set[str] = set()  # record kinds sent so far (their steps' `prepare` has run)
 
     def __enter__(self) -> VerifyPool:
         self.slots = [self._spawn() for _ in range(self.workers)]
@@ -155,6 +156,7 @@ class VerifyPool:
                 if items is None:
                     exhausted = True
                     break
+                self._prepare(items)
                 pending[next_key] = _Pending(items, [None] * len(items))
                 queue.append((next_key, 0))
                 next_key += 1
@@ -168,6 +170,13 @@ class VerifyPool:
                 return
             self._dispatch(queue, pending)
             self._collect(queue, pending)
+
+    def _prepare(self, items: list[dict[str, Any]]) -> None:
+        """Each step's `prepare(kind)` for a kind not seen before, in this process, before its items are sent."""
+        for kind in {item["kind"] for item in items} - self.kinds:
+            for step in self.steps:
+                step.prepare(kind)
+            self.kinds.add(kind)
 
     def _dispatch(self, queue: list[tuple[int, int]], pending: dict[int, _Pending]) -> None:
         for slot in self.slots:

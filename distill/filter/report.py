@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from distill import files
+from distill.filter.isolation import WEAKER
 
 
 @dataclass
@@ -99,6 +100,10 @@ def funnel_markdown(funnel: dict[str, Any]) -> str:
     header = [f"# Filter funnel: {funnel['in']} traces in, {funnel['out']} kept", ""]
     for warning in funnel.get("warnings", []):
         header += [f"> **Warning:** {warning}", ""]
+    if sandbox := funnel.get("sandbox"):
+        weaker = WEAKER.get(sandbox)
+        header += [f"> **Warning:** code ran under the weaker sandbox `{sandbox}`: {weaker}.", ""] if weaker else []
+        header += [f"Code was verified under sandbox `{sandbox}`.", ""]
     by_source = ["", "## By source", "", *breakdown_table(funnel)] if funnel.get("by_source") else []
     return "\n".join(header + funnel_table(funnel) + by_source) + "\n"
 

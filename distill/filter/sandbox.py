@@ -1,24 +1,18 @@
-"""Run generated code against stdin/stdout tests, isolated as well as the machine allows.
+"""Run generated code against its tests in the sandbox the recipe chose (`distill.filter.isolation`).
 
-Each test runs in a fresh temp dir, in a separate process with CPU-time, address-space, file-size and process-count
-rlimits, a wall timeout, and no network. Isolation, strongest first (probed once, recorded in the stage report):
+Each test runs in a fresh directory, in a separate process with CPU-time, address-space, file-size and
+process-count rlimits and a wall timeout. stdin, stdout and stderr are pipes the parent holds (no file the program
+could rewrite, seek or truncate), stdout is capped at `OUTPUT_BYTES`, and whatever the program started is killed
+before its output is judged.
 
-- `bwrap`: bubblewrap (Debian `bubblewrap`): new net/pid/ipc/uts/user namespaces, read-only /usr, only the temp
-  dir writable, the whole pid namespace dies with the sandbox;
-- `unshare`: `unshare -n` (no network), rlimits; the file system is not hidden;
-- `rlimits`: rlimits and the wall timeout only.
-
-When distill runs as root the sandbox drops to uid/gid 65534 (nobody), because the kernel exempts root from the
-process-count limit (a fork bomb as root spawned 30k processes in our probe). The code runs under the system
-`python3` in isolated mode (`-I -S`: standard library only, no site-packages).
 Output is compared line by line with trailing whitespace and trailing blank lines ignored, and every expected line
 is required (open-r1's `zip()` comparison let a program that printed only a prefix pass).
 
 Call-based tests (APPS/TACO LeetCode-style problems, where the model writes a function, not a program) carry a
 `fn_name`: `input` is the JSON array of positional arguments and `output` the JSON of the expected return value.
-A small harness appended to the code reads the arguments from stdin, calls the module-level function of that name
-(else the method of `Solution()`), and prints the JSON result after a marker, so whatever the code itself printed is
-ignored. Results are compared as the APPS reference harness does (see `compare_call`).
+`call_harness.py` is then the main program: it gets a fresh secret on stdin before the model's code runs and
+reports the call's JSON result on a line only that secret authenticates, so no program can forge its verdict by
+printing one. Results are compared as the APPS reference harness does (see `compare_call`).
 """
 
 from __future__ import annotations
@@ -29,37 +23,26 @@ import json
 import math
 import os
 import resource
+import secrets
+import selectors
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from distill.filter import isolation
+from distill.filter.isolation import Mode
+
 MEMORY_BYTES = 1 << 30  # address space per process; Python itself needs ~30 MB, a test program rarely > 256 MB
-FILE_BYTES = 16 << 20  # any file the program writes, stdout and stderr included (they go to files)
+FILE_BYTES = 16 << 20  # any file the program writes
+OUTPUT_BYTES = 16 << 20  # stdout or stderr past this stops the program (`runtime_error`)
 NPROC = 128  # processes the sandboxed code may add (the limit is per user: shared by concurrent sandboxes)
-NOBODY = 65534
 DETAIL_CHARS = 400
-RESULT_MARKER = "\x1e__distill_result__:"  # starts the harness's output line; no plausible program prints it
-# Appended to main.py for a call-based test. A function keeps its names out of the model's namespace, and a missing
-# function exits non-zero so it is reported as a runtime_error, not as a wrong answer.
-CALL_HARNESS = """
-
-def __distill_call(name, marker):
-    import json, sys
-    fn = globals().get(name)
-    if not callable(fn) and isinstance(globals().get("Solution"), type):
-        fn = getattr(globals()["Solution"](), name, None)
-    if not callable(fn):
-        sys.exit(f"no function named {name}")
-    result = json.dumps(fn(*json.loads(sys.stdin.read())))
-    sys.stdout.write("\\n" + marker + result + "\\n")
-
-
-__distill_call(%r, %r)
-"""
+HARNESS = Path(__file__).with_name("call_harness.py")
+RESULT_MARKER = "\x1e__distill_result__:"  # the harness's report line starts with this, then the run's secret
 
 
 @dataclass(frozen=True)
@@ -67,55 +50,6 @@ class SandboxResult:
     reason: str  # ok | wrong_answer | runtime_error | time_limit | memory_limit | verify_error
     detail: str = ""  # stderr tail or what differed, for debugging a rejected row
     isolation: str = ""
-
-
-def interpreter() -> str:
-    """System python3 (readable by the unprivileged sandbox user), else the running interpreter."""
-    for candidate in ("/usr/bin/python3", "/usr/local/bin/python3"):
-        if os.access(candidate, os.X_OK):
-            return candidate
-    return sys.executable
-
-
-def _bwrap_args(workdir: Path) -> list[str]:
-    args = [
-        "bwrap",
-        "--unshare-net",
-        "--unshare-pid",
-        "--unshare-ipc",
-        "--unshare-uts",
-        "--unshare-user",
-        "--die-with-parent",
-        "--new-session",
-        "--cap-drop",
-        "ALL",
-        "--ro-bind",
-        "/usr",
-        "/usr",
-    ]
-    for link in ("lib", "lib64", "bin", "sbin"):
-        if Path(f"/{link}").is_symlink():
-            args += ["--symlink", os.readlink(f"/{link}"), f"/{link}"]
-        elif Path(f"/{link}").is_dir():
-            args += ["--ro-bind", f"/{link}", f"/{link}"]
-    return [
-        *args,
-        "--proc",
-        "/proc",
-        "--dev",
-        "/dev",
-        "--tmpfs",
-        "/tmp",
-        "--bind",
-        str(workdir),
-        "/sandbox",
-        "--chdir",
-        "/sandbox",
-        "--clearenv",
-        "--setenv",
-        "PATH",
-        "/usr/bin:/bin",
-    ]
 
 
 @functools.cache
@@ -141,50 +75,6 @@ def _limits(cpu_s: int, nproc: int) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def _command(kind: str, workdir: Path, args: list[str]) -> list[str]:
-    inner = [interpreter(), "-I", "-S", *args]
-    if kind == "bwrap":
-        return [*_bwrap_args(workdir), *inner]
-    if kind == "unshare":  # needs root for the namespace, so it switches to nobody itself
-        drop = ["--setuid", str(NOBODY), "--setgid", str(NOBODY)] if os.geteuid() == 0 else []
-        return ["unshare", "-n", *drop, *inner]
-    return inner
-
-
-def _user(kind: str) -> dict[str, int | list[int]]:
-    """Popen arguments that drop root to nobody before exec (bwrap then builds an unprivileged user namespace)."""
-    if os.geteuid() != 0 or kind == "unshare":
-        return {}
-    return {"user": NOBODY, "group": NOBODY, "extra_groups": []}
-
-
-@functools.cache
-def isolation() -> str:
-    """The strongest isolation that actually works here: `bwrap`, `unshare` or `rlimits`."""
-    probe = Path(tempfile.mkdtemp(prefix="distill-probe-"))
-    try:
-        _own(probe)
-        for kind in ("bwrap", "unshare"):
-            if shutil.which(kind) is None:
-                continue
-            try:
-                done = subprocess.run(
-                    _command(kind, probe, ["-c", "pass"]), capture_output=True, timeout=30, cwd=probe, **_user(kind)
-                )
-            except (OSError, subprocess.SubprocessError):
-                continue
-            if done.returncode == 0:
-                return kind
-        return "rlimits"
-    finally:
-        shutil.rmtree(probe, ignore_errors=True)
-
-
-def _own(path: Path) -> None:
-    if os.geteuid() == 0:
-        os.chown(path, NOBODY, NOBODY)
-
-
 def compare(expected: str, actual: str) -> str | None:
     """None when every expected line is there and nothing else; else a short description of the first difference."""
     want = [line.rstrip() for line in expected.rstrip().splitlines()]
@@ -208,12 +98,15 @@ def _same(want: object, got: object) -> bool:
     return want == got
 
 
-def compare_call(want: object, stdout: str) -> str | None:
-    """None when the harness's result equals `want`, or `want` is a one-element list holding it (APPS wraps some
-    expected values in a list); else a short description. The result is the text after the last marker."""
-    if RESULT_MARKER not in stdout:
-        return "no result: the code exited before the function was called"
-    text = stdout.rpartition(RESULT_MARKER)[2].partition("\n")[0]
+def compare_call(want: object, stdout: str, *, secret: str) -> str | None:
+    """None when the harness's report equals `want`, or `want` is a one-element list holding it (APPS wraps some
+    expected values in a list); else a short description. Only a line carrying this run's `secret` is a report."""
+    prefix = RESULT_MARKER + secret + ":"
+    reports = [line[len(prefix) :] for line in stdout.split("\n") if line.startswith(prefix)]  # \x1e splits lines
+    if len(reports) != 1:
+        forged = " (result lines without this run's secret were ignored)" if RESULT_MARKER in stdout else ""
+        return f"{len(reports) or 'no'} result lines: the function was not called by the harness{forged}"
+    text = reports[0]
     try:
         got = json.loads(text)
     except ValueError:
@@ -223,66 +116,120 @@ def compare_call(want: object, stdout: str) -> str | None:
     return f"expected {json.dumps(want)[:80]}, got {text[:80]}"
 
 
-def run_once(code: str, stdin: str, *, timeout_s: float, fn_name: str | None = None) -> tuple[SandboxResult, str]:
-    """Run `code` once with `stdin`; returns the result (reason `ok` = exited 0) and the program's stdout.
-    With `fn_name` the call harness is appended, and `stdin` is the JSON array of the function's arguments."""
-    kind = isolation()
+def run_once(
+    code: str, stdin: str, *, timeout_s: float, mode: Mode, fn_name: str | None = None
+) -> tuple[SandboxResult, str, str]:
+    """Run `code` once with `stdin` under `mode`; returns the result (reason `ok` = exited 0), the program's stdout
+    and, for a call-based run (`fn_name`: `stdin` is the JSON array of arguments), the secret its report carries."""
     workdir = Path(tempfile.mkdtemp(prefix="distill-sandbox-"))
     try:
-        _own(workdir)
-        if fn_name is not None:
-            code += CALL_HARNESS % (fn_name, RESULT_MARKER)
-        (workdir / "main.py").write_text(code, encoding="utf-8")
-        (workdir / "stdin.txt").write_text(stdin, encoding="utf-8")
-        script = "main.py" if kind == "bwrap" else str(workdir / "main.py")
-        cpu = max(1, int(timeout_s + 0.999))
-        with (
-            (workdir / "stdin.txt").open("rb") as fin,
-            open(workdir / ".out", "wb") as out,
-            open(workdir / ".err", "wb") as err,
-        ):
-            proc = subprocess.Popen(
-                _command(kind, workdir, [script]),
-                stdin=fin,
-                stdout=out,
-                stderr=err,
-                cwd=workdir,
-                start_new_session=True,
-                preexec_fn=functools.partial(_limits, cpu, _nproc_limit()),
-                env={"PATH": "/usr/bin:/bin"},
-                **_user(kind),
-            )
-            try:
-                code_ = proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                _kill(proc)
-                return SandboxResult("time_limit", f"wall timeout {timeout_s}s", kind), ""
-        stdout = (workdir / ".out").read_text(encoding="utf-8", errors="replace")
-        stderr = (workdir / ".err").read_text(encoding="utf-8", errors="replace")
-        return SandboxResult(_classify(code_, stderr), stderr[-DETAIL_CHARS:], kind), stdout
+        isolation.own(workdir)
+        secret = ""
+        if fn_name is None:
+            (workdir / "main.py").write_text(code, encoding="utf-8")
+            args = ["main.py"]
+        else:
+            secret = secrets.token_hex(16)
+            (workdir / "solution.py").write_text(code, encoding="utf-8")
+            shutil.copyfile(HARNESS, workdir / HARNESS.name)
+            args, stdin = [HARNESS.name, fn_name], f"{secret}\n{stdin}"
+        proc = subprocess.Popen(
+            isolation.command(mode, workdir, args),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=workdir,
+            start_new_session=True,
+            preexec_fn=functools.partial(_limits, max(1, int(timeout_s + 0.999)), _nproc_limit()),
+            env=isolation.environment(str(workdir)),
+            **isolation.popen_user(mode),
+        )
+        finished, stdout, stderr = _communicate(proc, stdin.encode(), timeout_s=timeout_s)
+        returncode = _stop(proc)
+        out, err = stdout.decode(errors="replace"), stderr.decode(errors="replace")
+        if finished is None:
+            return SandboxResult("runtime_error", f"output over {OUTPUT_BYTES >> 20} MiB", mode), "", secret
+        if not finished:
+            return SandboxResult("time_limit", f"wall timeout {timeout_s}s", mode), "", secret
+        return SandboxResult(_classify(returncode, err), err[-DETAIL_CHARS:], mode), out, secret
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _kill(proc: subprocess.Popen) -> None:
-    """Kill the sandbox and wait until every process it started is gone.
+def _communicate(proc: subprocess.Popen, data: bytes, *, timeout_s: float) -> tuple[bool | None, bytes, bytes]:
+    """Feed stdin, read stdout and stderr until the program has exited and both pipes are closed. Returns
+    (True, out, err) when it finished in time, (False, ...) at the wall timeout, (None, ...) when its output went
+    past the cap. Once the program exits, the rest of its process group is killed, so nothing writes after it."""
+    deadline = time.monotonic() + timeout_s
+    streams = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}  # type: ignore[union-attr]
+    feed, stdin = memoryview(data), proc.stdin.fileno()  # type: ignore[union-attr]
+    exited = False
+    with selectors.DefaultSelector() as selector:
+        for fd in streams:
+            selector.register(fd, selectors.EVENT_READ)
+        if feed:
+            os.set_blocking(stdin, False)
+            selector.register(stdin, selectors.EVENT_WRITE)
+        else:
+            proc.stdin.close()  # type: ignore[union-attr]
+        while selector.get_map() or not exited:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False, b"", b""
+            for key, _ in selector.select(min(left, 0.05)):
+                if key.fd == stdin:
+                    try:
+                        feed = feed[os.write(stdin, feed[: 1 << 16]) :]
+                    except BlockingIOError:
+                        continue
+                    except BrokenPipeError:  # the program stopped reading: what it did not read is its loss
+                        feed = feed[:0]
+                    if not feed:
+                        selector.unregister(stdin)
+                        proc.stdin.close()  # type: ignore[union-attr]
+                    continue
+                chunk = os.read(key.fd, 1 << 16)
+                if not chunk:
+                    selector.unregister(key.fd)
+                    continue
+                streams[key.fd] += chunk
+                if len(streams[key.fd]) > OUTPUT_BYTES:
+                    return None, b"", b""
+            if not exited and os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                exited = True  # not reaped yet, so its pid (the process group's id) cannot be reused
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+    out, err = streams.values()
+    return True, bytes(out), bytes(err)
 
-    Under bwrap the outer process is left alive: it reaps the pid namespace's init, whose death makes the kernel
-    kill and wait for everything inside, so once the outer process exits the namespace is empty and the next test's
-    process count starts from zero (killing the outer process first leaves the fork bomb dying in the background)."""
-    try:
-        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-    except OSError:
-        children = []
-    for child in children:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(int(child), signal.SIGKILL)
-    try:
-        proc.wait(timeout=10 if children else 0.1)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
+
+def _stop(proc: subprocess.Popen) -> int:
+    """Kill the sandbox if it still runs and wait until every process it started is gone; returns its exit code.
+
+    Under bwrap the outer process is left alive at first: it reaps the pid namespace's init, whose death makes the
+    kernel kill and wait for everything inside, so once the outer process exits the namespace is empty and the next
+    test's process count starts from zero (killing the outer process first leaves a fork bomb dying in the
+    background). `unshare --pid --kill-child` behaves the same; under `rlimits` the process group is killed."""
+    if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # exited, unreaped: the group id is still its
             os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    else:
+        try:
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        except OSError:
+            children = []
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(child), signal.SIGKILL)
+        try:
+            proc.wait(timeout=10 if children else 0.1)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        with contextlib.suppress(OSError):
+            pipe.close()  # type: ignore[union-attr]
+    return proc.wait()
 
 
 def _classify(returncode: int, stderr: str) -> str:
@@ -296,21 +243,22 @@ def _classify(returncode: int, stderr: str) -> str:
     return "runtime_error"
 
 
-def run_tests(code: str, tests: list[dict[str, str]], *, timeout_s: float) -> SandboxResult:
-    """Run every test (in order, stopping at the first failure); `ok` only when all pass. A test with `fn_name` is
-    call-based (see the module docstring); its expected JSON is parsed first, so a broken test is a verify_error."""
+def run_tests(code: str, tests: list[dict[str, str]], *, timeout_s: float, mode: Mode) -> SandboxResult:
+    """Run every test (in order, stopping at the first failure) under `mode`; `ok` only when all pass. A test with
+    `fn_name` is call-based (see the module docstring); its expected JSON is parsed first, so a broken test is a
+    verify_error."""
     if not tests:
-        return SandboxResult("verify_error", "problem has no tests", isolation())
+        return SandboxResult("verify_error", "problem has no tests", mode)
     for index, test in enumerate(tests):
         fn_name = test.get("fn_name")
         try:
             want = json.loads(test["output"]) if fn_name is not None else None
         except ValueError as exc:
-            return SandboxResult("verify_error", f"test {index + 1}: expected output is not JSON: {exc}", isolation())
-        result, stdout = run_once(code, test["input"], timeout_s=timeout_s, fn_name=fn_name)
+            return SandboxResult("verify_error", f"test {index + 1}: expected output is not JSON: {exc}", mode)
+        result, stdout, secret = run_once(code, test["input"], timeout_s=timeout_s, mode=mode, fn_name=fn_name)
         if result.reason != "ok":
-            return SandboxResult(result.reason, f"test {index + 1}: {result.detail}", result.isolation)
-        diff = compare_call(want, stdout) if fn_name is not None else compare(test["output"], stdout)
+            return SandboxResult(result.reason, f"test {index + 1}: {result.detail}", mode)
+        diff = compare_call(want, stdout, secret=secret) if fn_name is not None else compare(test["output"], stdout)
         if diff is not None:
-            return SandboxResult("wrong_answer", f"test {index + 1}: {diff}", result.isolation)
-    return SandboxResult("ok", f"{len(tests)} test(s) passed", isolation())
+            return SandboxResult("wrong_answer", f"test {index + 1}: {diff}", mode)
+    return SandboxResult("ok", f"{len(tests)} test(s) passed", mode)

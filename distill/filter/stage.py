@@ -126,11 +126,9 @@ def run(recipe: Recipe, *, ctx: StageContext) -> StageReport:
     if warning := report.length_warning(summary, max_share=config.warn_too_long_share):
         log.warning("filter: %s", warning)
         summary["warnings"] = extra["warnings"] = [warning]
+    if sandbox := plan.trace[-1].isolation:  # set when code ran: named in funnel.md, the manifest and the card
+        summary["sandbox"] = extra["sandbox"] = sandbox
     _write_reports(ctx.work_dir, summary, tokens, chars)
-    if extra["kinds"].get("code"):
-        from distill.filter.sandbox import isolation
-
-        extra["sandbox"] = isolation()
     for step in summary["steps"]:
         log.info(
             "filter %-17s seen %8d kept %8d dropped %8d", step["name"], step["seen"], step["kept"], step["dropped"]

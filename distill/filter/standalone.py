@@ -79,7 +79,7 @@ def _batches(args: argparse.Namespace, rows: list[list[dict[str, Any]]]) -> Iter
 
 
 def main(args: argparse.Namespace) -> int:
-    steps = [Truncated(), AnswerMatches(verify=True, timeout_s=args.timeout)]
+    steps = [Truncated(), AnswerMatches(verify=True, timeout_s=args.timeout, sandbox=args.sandbox)]
     workers = args.workers or os.cpu_count() or 1
     reasons: Counter[str] = Counter()
     pending: list[list[dict[str, Any]]] = []

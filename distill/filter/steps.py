@@ -25,12 +25,16 @@ REPEAT_N = 10  # word n-gram length for the repetition ratio (long enough that o
 
 
 class Step:
-    """Base: `setup` runs once per worker process before any record (e.g. loading a tokenizer)."""
+    """Base: `setup` runs once per worker process before any record (e.g. loading a tokenizer); `prepare` runs in
+    the stage's own process the first time a kind of record is sent to the workers (e.g. checking the sandbox)."""
 
     name: str = ""
     reasons: tuple[str, ...] = ()
 
     def setup(self) -> None:
+        return None
+
+    def prepare(self, kind: str) -> None:
         return None
 
     def check(self, record: dict[str, Any]) -> str | None:
@@ -140,18 +144,26 @@ class AnswerMatches(Step):
 
     name, reasons = "answer_matches", answers.ANSWER_REASONS + answers.CODE_REASONS
 
-    def __init__(self, *, verify: bool, timeout_s: float) -> None:
-        self.verify, self.timeout_s = verify, timeout_s
+    def __init__(self, *, verify: bool, timeout_s: float, sandbox: str) -> None:
+        self.verify, self.timeout_s, self.sandbox = verify, timeout_s, sandbox
+        self.isolation: str | None = None  # the sandbox code ran under, once a code trace was sent
 
     def setup(self) -> None:
         if self.verify:
             answers.warm_up()
 
+    def prepare(self, kind: str) -> None:
+        """Before the first code trace runs: the recipe's sandbox must work here (else one clear error)."""
+        if self.verify and kind == "code":
+            from distill.filter.isolation import require
+
+            self.isolation = require(self.sandbox)  # type: ignore[arg-type]
+
     def check(self, record: dict[str, Any]) -> str | None:
         if not self.verify or record["kind"] == "none":
             return None
         try:
-            reason = answers.check(record, timeout_s=self.timeout_s)
+            reason = answers.check(record, timeout_s=self.timeout_s, sandbox=self.sandbox)
         except Exception:  # sympy can raise anything; counted, never a silent wrong answer
             reason = "verify_error"
         return None if reason == "ok" else reason
@@ -178,7 +190,7 @@ def trace_steps(config: Any, *, student_model: str) -> list[Step]:
         steps.append(Repetition(max_ratio=config.max_repeated_ngram_ratio))
     if config.code_in_reasoning:
         steps.append(CodeInReasoning())
-    return [*steps, AnswerMatches(verify=config.verify, timeout_s=config.verify_timeout_s)]
+    return [*steps, AnswerMatches(verify=config.verify, timeout_s=config.verify_timeout_s, sandbox=config.sandbox)]
 
 
 class Funnel:
