@@ -176,7 +176,7 @@ def _communicate(proc: subprocess.Popen, data: bytes, *, timeout_s: float) -> tu
             left = deadline - time.monotonic()
             if left <= 0:
                 return False, b"", b""
-            for key, _ in selector.select(min(left, 0.05)):
+            for key, _ in selector.select(min(left, 0.05 if selector.get_map() else 0.002)):
                 if key.fd == stdin:
                     try:
                         feed = feed[os.write(stdin, feed[: 1 << 16]) :]
