@@ -10,10 +10,11 @@ stages read every `*.jsonl` there. See `teacher.shards` for the crash-safety and
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from distill import lengths
@@ -136,14 +137,15 @@ def run(recipe: Recipe, *, ctx: StageContext) -> StageReport:
     bar = ProgressBar(
         total=len(todo), stats=stats, show_cost=teacher.backend == "openai", enabled=ctx.options.progress
     )
-    with bar.shown(), store.writer(snapshot=lambda: _state(previous, stats, started)) as writer:
+    with _engine(teacher, needed=bool(todo)) as llm:
+        with bar.shown(), store.writer(snapshot=lambda: _state(previous, stats, started)) as writer:
 
-        def on_done(batch: list[list[Trace]]) -> None:
-            writer.add(batch)
-            bar.update()
+            def on_done(batch: list[list[Trace]]) -> None:
+                writer.add(batch)
+                bar.update()
 
-        stream_traces(todo, teacher=teacher, stats=stats, on_done=on_done, prompts=prompts)
-    state = _state(previous, stats, started)
+            stream_traces(todo, teacher=teacher, stats=stats, on_done=on_done, llm=llm, prompts=prompts)
+        state = _state(previous, stats, started)  # before the engine's release (~1 s on CPU), which is not generation
     if not store.mark_done(state):
         counts = {"in": len(mine), "out": len(mine) - sum(stats.skipped.values()), "dropped": dict(stats.skipped)}
         return StageReport(counts=counts, extra=state, complete=False)
@@ -168,6 +170,19 @@ def _teacher(recipe: Recipe) -> Teacher:
     if recipe.teacher is None:
         raise DistillError("stage generate needs a `teacher` section in the recipe")
     return recipe.teacher
+
+
+@contextlib.contextmanager
+def _engine(teacher: Teacher, *, needed: bool) -> Iterator[Any]:
+    """The stage's `vllm.LLM`, held until its totals are taken, so `generation_s` ends at the last durable write and
+    not after the engine's shutdown; None for an endpoint, or when nothing is left to generate (no engine loaded)."""
+    if teacher.backend != "vllm" or not needed:
+        yield None
+        return
+    from teacher.offline import serving
+
+    with serving(teacher) as llm:
+        yield llm
 
 
 def _log_scale(
