@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from distill import lengths
@@ -25,6 +25,7 @@ from distill.pipeline import StageContext, StageReport
 from distill.prompts import Prompts, check_template, resolve_template, source_prompts
 from distill.records import Problem, Trace
 from distill.schema import Recipe, Teacher
+from teacher import engine
 from teacher.generation_progress import ProgressBar
 from teacher.shards import ShardStore, shard_of
 from teacher.traces import GenerationStats, OnDone
@@ -137,7 +138,9 @@ def run(recipe: Recipe, *, ctx: StageContext) -> StageReport:
     bar = ProgressBar(
         total=len(todo), stats=stats, show_cost=teacher.backend == "openai", enabled=ctx.options.progress
     )
-    with _engine(teacher, needed=bool(todo)) as llm:
+    # Held until the totals are taken, so `generation_s` ends at the last durable write, not after the engine's
+    # release; nothing left to generate loads no engine.
+    with engine(teacher) if todo else contextlib.nullcontext() as llm:
         with bar.shown(), store.writer(snapshot=lambda: _state(previous, stats, started)) as writer:
 
             def on_done(batch: list[list[Trace]]) -> None:
@@ -145,7 +148,7 @@ def run(recipe: Recipe, *, ctx: StageContext) -> StageReport:
                 bar.update()
 
             stream_traces(todo, teacher=teacher, stats=stats, on_done=on_done, llm=llm, prompts=prompts)
-        state = _state(previous, stats, started)  # before the engine's release (~1 s on CPU), which is not generation
+        state = _state(previous, stats, started)
     if not store.mark_done(state):
         counts = {"in": len(mine), "out": len(mine) - sum(stats.skipped.values()), "dropped": dict(stats.skipped)}
         return StageReport(counts=counts, extra=state, complete=False)
@@ -170,19 +173,6 @@ def _teacher(recipe: Recipe) -> Teacher:
     if recipe.teacher is None:
         raise DistillError("stage generate needs a `teacher` section in the recipe")
     return recipe.teacher
-
-
-@contextlib.contextmanager
-def _engine(teacher: Teacher, *, needed: bool) -> Iterator[Any]:
-    """The stage's `vllm.LLM`, held until its totals are taken, so `generation_s` ends at the last durable write and
-    not after the engine's shutdown; None for an endpoint, or when nothing is left to generate (no engine loaded)."""
-    if teacher.backend != "vllm" or not needed:
-        yield None
-        return
-    from teacher.offline import serving
-
-    with serving(teacher) as llm:
-        yield llm
 
 
 def _log_scale(
