@@ -41,15 +41,18 @@ import shutil
 import socket
 import subprocess
 import sys
+import traceback
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from distill import files
 from distill.errors import DistillError, RecipeError
 from distill.shipped import CHECKOUT, LAUNCHERS
 
 log = logging.getLogger(__name__)
 REPO_CONFIGS = CHECKOUT / LAUNCHERS.folder  # the checkout's own configs; lookups go through LAUNCHERS.find
+ERRORS = "errors"  # per-rank error files in the plan's report dir (`record_error`)
 STANDARD = "standard"  # accelerate's torchrun-style DeepSpeed launcher: one launcher per node, one world
 
 
@@ -190,30 +193,69 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(launcher: Launcher, *, config: Path, plan: Path) -> None:
-    """Run the launcher on `config` (the launcher's settings as written for this run) and wait; a failed launch is
-    an error with the exit code (the processes' output went to the log)."""
+def launch(launcher: Launcher, *, config: Path, plan: Path, reports: Path) -> None:
+    """Run the launcher on `config` (the launcher's settings as written for this run) and wait. A failed launch is
+    one error with the exit code and the first Python error any rank recorded in `reports` (the plan's report
+    dir, which every node reaches): among 2 x 8 interleaved logs, the root cause is otherwise hard to find."""
     cmd = command(config, plan=plan)
     log.info("launching: %s", " ".join(cmd))
     proc = subprocess.run(cmd, check=False)
     if proc.returncode != 0:
         raise DistillError(
             f"training launched with student.accelerate {launcher.name} ({launcher.path}) failed (exit code "
-            f"{proc.returncode}); see the log above"
+            f"{proc.returncode}): {first_error(reports)}"
         )
 
 
+def first_error(reports: Path) -> str:
+    """The first error a rank recorded (`record_error`): later ones are usually its echo on the other ranks (a
+    closed connection, a timed-out collective)."""
+    recorded = sorted((reports / ERRORS).glob("rank-*.txt"), key=lambda path: path.stat().st_mtime_ns)
+    if not recorded:
+        return (
+            "no process raised a Python error (killed, out of memory, or crashed outside Python?); see the log above"
+        )
+    first = recorded[0]
+    summary = first.read_text(encoding="utf-8").partition("\n")[0]
+    others = f"; {len(recorded) - 1} other rank(s) failed after it" if len(recorded) > 1 else ""
+    return f"{first.stem} raised {summary} (traceback: {first}){others}"
+
+
+def record_error(reports: Path, exc: BaseException) -> None:
+    """Write this rank's error, summary line first, then the traceback, for `first_error` in the launching stage."""
+    rank = os.environ.get("RANK", "0")
+    detail = "".join(traceback.format_exception(exc))
+    summary = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+    files.write_text(reports / ERRORS / f"rank-{rank}.txt", f"{summary}\n\n{detail}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """One training process: train the plan, record any error for the launching stage, and leave the process
+    group after a clean run (PyTorch asks for it; without it NCCL warns and may hang at interpreter shutdown). A
+    failed rank just exits: the launcher stops the others."""
     from student.trainer import Plan, train
 
     args = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    plan = Plan.read(Path(args[0]))
     try:
-        train(Plan.read(Path(args[0])))
+        train(plan)
+        leave_process_group()
     except DistillError as exc:  # one line per process instead of a traceback per rank
         log.error("%s", exc)
+        record_error(plan.report_dir, exc)
         return 1
+    except Exception as exc:
+        record_error(plan.report_dir, exc)
+        raise
     return 0
+
+
+def leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

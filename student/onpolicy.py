@@ -92,7 +92,7 @@ def run(recipe: Recipe, *, ctx: StageContext) -> StageReport:
     )
     counts = {"in": len(prompts) + sum(dropped.values()), "out": len(prompts), "dropped": dict(dropped)}
     if setup.launcher is not None:
-        launch.launch(setup.launcher, config=scratch / LAUNCHER, plan=scratch / PLAN)
+        launch.launch(setup.launcher, config=scratch / LAUNCHER, plan=scratch / PLAN, reports=plan.report_dir)
         if launch.machine_rank() != 0:
             shutil.rmtree(scratch, ignore_errors=True)
             return StageReport(counts=counts, complete=False)

@@ -85,7 +85,12 @@ def run(recipe: Recipe, *, ctx: StageContext) -> StageReport:
     )
     counts = {"in": fitted.seen, "out": len(fitted.conversations), "dropped": fitted.dropped}
     if setup.launcher is not None:
-        launch.launch(setup.launcher, config=Path(plan.scratch) / LAUNCHER, plan=Path(plan.scratch) / PLAN)
+        launch.launch(
+            setup.launcher,
+            config=Path(plan.scratch) / LAUNCHER,
+            plan=Path(plan.scratch) / PLAN,
+            reports=plan.report_dir,
+        )
         if launch.machine_rank() != 0:  # node 0 writes the model and finishes the stage
             shutil.rmtree(plan.scratch, ignore_errors=True)
             return StageReport(counts=counts, complete=False)

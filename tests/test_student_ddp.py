@@ -8,10 +8,15 @@ DeepSpeed ZeRO, which does run on CPU, is in test_student_zero.py."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 from pathlib import Path
 
 import pytest
 
+from distill.errors import DistillError
+from student.launch import first_error, record_error
 from student.train import run
 from student_data import addition_rows, context, make_run
 
@@ -146,3 +151,40 @@ def test_student_two_nodes_train_as_one_world_and_node_0_finishes_the_stage(tiny
     assert processes["rows_seen"] == 48 and metrics["global_step"] == 6 and metrics["epoch"] == pytest.approx(1.0)
     assert (runs / "st" / "train" / "model.safetensors").is_file()
     assert not list((runs / "st" / ".work").iterdir())  # node 0 swapped the stage in; node 1 removed its scratch
+
+
+@pytest.mark.slow
+def test_a_failed_launch_is_one_error_naming_the_first_ranks_exception_and_its_traceback(
+    tiny_model: Path, tmp_path: Path, two_processes: None
+) -> None:
+    """Weights that only the launched processes read are broken: the stage's error names the rank, the exception
+    and the file holding its traceback, instead of "see the log above" among every rank's interleaved output."""
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    sft = {"max_steps": 1, "per_device_train_batch_size": 4, "report_to": "none", "save_strategy": "no"}
+    recipe, runs = make_run(tmp_path, addition_rows(8), {"model": str(broken), "sft": sft, "accelerate": "ddp"})
+    with pytest.raises(DistillError) as failed:
+        run(recipe, ctx=context(runs, recipe, tmp_path / "work"))
+    message = str(failed.value)
+    found = re.search(r"failed \(exit code 1\): rank-[01] raised (\w+): .+ \(traceback: (\S+)\)", message)
+    assert found, message
+    error, where = found.groups()
+    recorded = Path(where).read_text()
+    assert recorded.startswith(f"{error}: ") and "Traceback (most recent call last)" in recorded
+    assert "safetensors" in recorded.lower(), recorded[-2000:]
+
+
+def test_first_error_is_the_earliest_rank_to_fail_and_says_when_none_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert first_error(tmp_path).startswith("no process raised a Python error")
+    for rank, exc in (("3", RuntimeError("CUDA out of memory\nTried to allocate 2 GiB")), ("0", ConnectionError())):
+        monkeypatch.setenv("RANK", rank)
+        record_error(tmp_path, exc)
+    later = (tmp_path / "errors" / "rank-3.txt").stat().st_mtime + 1
+    os.utime(tmp_path / "errors" / "rank-0.txt", (later, later))  # file times tick coarsely: make the order plain
+    assert first_error(tmp_path) == (
+        "rank-3 raised RuntimeError: CUDA out of memory Tried to allocate 2 GiB "
+        f"(traceback: {tmp_path / 'errors' / 'rank-3.txt'}); 1 other rank(s) failed after it"
+    )
