@@ -1,6 +1,6 @@
 """Eval stage throughput versus a raw vLLM + math-verify script: same model, problems, prompts, sampling, engine.
 
-    .venv/bin/python bench/eval.py [--problems 256] [--n 4] [--max-tokens 160] [--rounds 3] [--quick]
+    .venv/bin/python bench/eval.py [--problems 256] [--n 4] [--max-tokens 160] [--rounds 5] [--quick]
 
 Stage: `distill eval` in-process (`pipeline.run_stage(recipe, "eval")`, `eval.model` set: one model, scored by
 `distill.scoring.score_model`): prompt checks, generation through the teacher's offline backend, verification in

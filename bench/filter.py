@@ -1,6 +1,6 @@
 """Filter benchmark: verification throughput against the ideal, and peak memory as the input grows.
 
-    .venv/bin/python bench/filter.py [--rounds 3] [--quick]     # prints progress, then a final JSON line
+    .venv/bin/python bench/filter.py [--rounds 5] [--quick]     # prints progress, then a final JSON line
 
 1. Plain rate: one process, the obvious loop `verify(parse(gold), parse(pred))` (math-verify defaults) over the
    base traces: the complete real traces in ../shared/data/reasoning_traces (prediction = text after `</think>`)

@@ -14,10 +14,10 @@ along in the mapping; their ratios are computed but a bench need not report them
 Work per round: each bench's defaults are sized so every side's timed work is >= ~10 s per round on the 2-core dev
 machine (scheduler noise is then well under 1%), with `DEFAULT_ROUNDS` counted rounds. Sized from the rates the
 `--quick` runs measured (2026-12, machine loaded ~2-5): teacher 128 problems x 4 x 256 tokens at ~8-9k tok/s raw;
-student 240 steps (~180k tokens at ~16k tok/s); onpolicy 60 steps (~1k tokens/step at ~4.5k tok/s); filter 1,000
-records at ~50 records/s; eval 1,024 samples at ~55 samples/s. `--quick` is a smoke run:
-`QUICK_ROUNDS` rounds and the bench's own smaller work per round, marked `"quick": true` in its JSON line; its
-ratios say the bench works, not how fast the stage is.
+student 400 steps (~300k tokens; 240 steps took 6.7 s per side on an idle machine); onpolicy 60 steps (~1k
+tokens/step at ~4.5k tok/s); filter 1,000 records at ~50 records/s; eval 1,024 samples at ~55 samples/s. `--quick`
+is a smoke run: `QUICK_ROUNDS` rounds and the bench's own smaller work per round, marked `"quick": true` in its
+JSON line; its ratios say the bench works, not how fast the stage is.
 
 Bench files drop their own folder from sys.path (they are named like the packages they measure), so they load this
 file by path under the module name `bench_harness`, which collides with nothing (the lines under each bench's
@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-DEFAULT_ROUNDS = 3  # counted rounds after the warm-up: a median of 3 ignores one disturbed round
+DEFAULT_ROUNDS = 5  # counted rounds after the warm-up: a median of 5 ignores two disturbed rounds
 QUICK_ROUNDS = 1
 Quantity = float | tuple[float, float]
 Measured = Quantity | Mapping[str, Quantity]

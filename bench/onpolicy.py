@@ -1,6 +1,6 @@
 """Benchmark the on-policy stage against a bare TRL script, on the same tiny student, teacher and prompts.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/onpolicy.py [--prompts 64] [--steps 60] [--rounds 3] [--quick]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/onpolicy.py [--prompts 64] [--steps 60] [--rounds 5] [--quick]
 
 Throughput: tokens/s through both models (TRL's `num_tokens`, prompt + sampled completion) over the training loop,
 of `distill onpolicy` (the whole stage: tokenizer pairing, template and length checks, prompt rendering, trainer,

@@ -1,6 +1,6 @@
 """Benchmark the student stage against a bare TRL script, on the same tiny model, data and settings.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/student.py [--rows 512] [--steps 240] [--rounds 3] [--quick]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/student.py [--rows 512] [--steps 400] [--rounds 5] [--quick]
 
 1. Throughput: train tokens/s of `student.train.run` (the whole stage: checks, length fitting, trainer, outputs)
    measured over its training loop, versus `SFTTrainer(...).train()` written by hand. Tokens are the (unpadded)
@@ -176,7 +176,7 @@ def timed(runner: Callable[..., float], model: Path, data: list[dict], tmp: Path
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=240)
+    parser.add_argument("--steps", type=int, default=400)
     harness.add_arguments(parser)
     args = parser.parse_args()
     if args.quick:

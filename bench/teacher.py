@@ -1,6 +1,6 @@
 """Teacher stage throughput versus a bare `LLM.generate` call: same tiny model, same prompts, same SamplingParams.
 
-    .venv/bin/python bench/teacher.py [--problems 128] [--n 4] [--max-tokens 256] [--rounds 3] [--quick]
+    .venv/bin/python bench/teacher.py [--problems 128] [--n 4] [--max-tokens 256] [--rounds 5] [--quick]
 
 The stage's rate is generated tokens over its generation time (first request to last durable write, so prompt
 rendering, trace building, JSON and fsync are all inside); the raw rate is `LLM.generate` on the same rendered
