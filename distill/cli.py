@@ -3,6 +3,7 @@
     distill run recipes/demo.yaml                 # every configured stage, skipping finished ones
     distill generate recipes/x.yaml --shard 3/8   # one stage (here: one of 8 parallel teacher jobs)
     distill status recipes/x.yaml                 # done / stale / missing per stage
+    distill sweep recipes/x.yaml --grid student.sft.learning_rate=1e-5,3e-5   # variants, compared in one report
     distill gc recipes/x.yaml --remove --keep 1   # delete superseded outputs but the newest per stage
     distill recipe show recipes/x.yaml --set student.sft.learning_rate=1e-5
 
@@ -110,6 +111,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="re-run this stage even if its manifest matches (repeatable)",
     )
     run.add_argument("--dry-run", action="store_true", help="push stage: stage the repo folders, send nothing")
+    sweep = sub.add_parser("sweep", help="run recipe variants through the stage cache; one report comparing them")
+    _recipe_args(sweep)
+    sweep.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,...",
+        help="a variant per value (per combination, with several --grid), e.g. student.sft.learning_rate=1e-3,3e-3",
+    )
+    sweep.add_argument("--name", help="the sweep's folder runs/<NAME>/ (default: from the file's name)")
+    sweep.add_argument("--baseline", help="the variant paired differences are taken against (default: the first)")
+    sweep.add_argument("--parallel", type=int, default=1, metavar="K", help="run K variants at once (default 1)")
+    sweep.add_argument("--report-only", action="store_true", help="rewrite the report; run nothing")
     _recipe_args(sub.add_parser("status", help="table of stages: done / stale / missing, counts, when"))
     gc = sub.add_parser("gc", help="list the outputs re-runs moved aside (runs/<name>/.superseded); --remove them")
     _recipe_args(gc)
@@ -203,6 +217,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     handler = {
         "run": commands.run,
         "status": commands.status,
+        "sweep": commands.sweep,
         "gc": commands.gc,
         "recipe": commands.recipe,
         "tiny-model": commands.tiny_model,

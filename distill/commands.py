@@ -11,7 +11,7 @@ from rich.table import Table
 
 from distill import pipeline
 from distill.errors import DistillError, RecipeError
-from distill.recipe import dump_recipe, load_recipe
+from distill.recipe import check_resources, dump_recipe, load_recipe
 from distill.schema import Recipe
 
 log = logging.getLogger("distill")
@@ -58,6 +58,36 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def sweep(args: argparse.Namespace) -> int:
+    """Check every variant, run them (sharing equal stages), write runs/<sweep>/report.md; exit 1 if any failed."""
+    import dataclasses
+    import time
+
+    from distill import sweep as sweeps
+    from distill import sweep_report
+
+    if args.parallel < 1:
+        raise DistillError(f"--parallel {args.parallel}: expected 1 or more variants at once")
+    started = time.monotonic()
+    plan = sweeps.load_sweep(
+        args.recipe, grid=args.grid, common=args.overrides, name=args.name, baseline=args.baseline
+    )
+    log.info("sweep %s: %d variants (%s)", plan.name, len(plan.variants), ", ".join(v.name for v in plan.variants))
+    failed: dict[str, str] = {}
+    if not args.report_only:
+        options = _options(args)
+        if args.parallel > 1:
+            options = dataclasses.replace(options, progress=False)  # K processes share one terminal
+        failed = sweeps.run(plan, runs_dir=args.runs_dir, options=options, parallel=args.parallel)
+    elapsed = None if args.report_only else time.monotonic() - started
+    path = sweep_report.write(plan, runs_dir=args.runs_dir, failed=failed, elapsed_s=elapsed)
+    print(path.read_text(encoding="utf-8"))
+    if failed:
+        print(f"error: {len(failed)} variant(s) failed: {', '.join(failed)} (see {path})", file=sys.stderr)
+        return 1
+    return 0
+
+
 def status(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, overrides=args.overrides)
     table = Table(title=f"runs/{recipe.name}")
@@ -99,12 +129,8 @@ def recipe(args: argparse.Namespace) -> int:
     if args.recipe_command == "show":
         print(dump_recipe(load_recipe(args.recipe, overrides=args.overrides)), end="")
     elif args.recipe_command == "check":
-        from distill import lengths, vocab
-
         for path in args.recipes:
-            loaded = load_recipe(path)
-            problems, notes = lengths.check(loaded)
-            problems += vocab.check_recipe(loaded)
+            problems, notes = check_resources(load_recipe(path))
             if problems:
                 raise RecipeError("\n".join(f"{path}: {line}" for line in problems))
             for note in notes:

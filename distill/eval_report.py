@@ -32,14 +32,16 @@ def paired_differences(
     out = {}
     for other in labels[1:]:
         per_benchmark = {
-            name: _difference(rates[labels[0]], rates[other], prefix=f"{name}/").as_dict() for name in problems
+            name: benchmark_difference(rates[labels[0]], rates[other], prefix=f"{name}/").as_dict()
+            for name in problems
         }
         overall = intervals.paired(rates[labels[0]], rates[other])
         out[f"{labels[0]} - {other}"] = {"benchmarks": per_benchmark, "overall": overall.as_dict()}
     return out
 
 
-def _difference(a: dict[str, float], b: dict[str, float], *, prefix: str) -> intervals.Estimate:
+def benchmark_difference(a: dict[str, float], b: dict[str, float], *, prefix: str) -> intervals.Estimate:
+    """a - b, paired, over one benchmark's problems (rates keyed `benchmark/id`; `prefix` is `benchmark/`)."""
     return intervals.paired(
         {k: v for k, v in a.items() if k.startswith(prefix)}, {k: v for k, v in b.items() if k.startswith(prefix)}
     )

@@ -215,6 +215,15 @@ def _model_args(annotation: Any) -> list[type[BaseModel]]:
     return [m for arg in getattr(annotation, "__args__", ()) for m in _model_args(arg)]
 
 
+def check_resources(recipe: Recipe) -> tuple[list[str], list[str]]:
+    """(problems, notes) of what `distill recipe check` checks beyond the schema, from the files the recipe names:
+    lengths against the models' contexts, and the on-policy teacher's tokenizer against the student's."""
+    from distill import lengths, vocab
+
+    problems, notes = lengths.check(recipe)
+    return problems + vocab.check_recipe(recipe), notes
+
+
 def dump_recipe(recipe: Recipe) -> str:
     """The fully resolved recipe (defaults filled in) as YAML, in schema order."""
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True, width=119)

@@ -22,6 +22,7 @@ COMMANDS = (
     "tiny-model",
     "gc",
     "onpolicy",
+    "sweep",
 )
 
 
