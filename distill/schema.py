@@ -116,16 +116,23 @@ class Filter(Section):
         description="Check answers against the reference (math-verify, choice letter, code tests); off keeps "
         "every trace that passes the quality filters, marked `unverified`.",
     )
-    selection: Literal["all_correct", "first_correct", "shortest_correct"] = Field(
+    selection: Literal["all_correct", "first_correct", "shortest_correct", "length_mix"] = Field(
         "all_correct",
-        description="Which correct traces of a problem to keep: all, the first by sample index, or the "
-        "shortest by completion tokens; others are counted as `not_selected`.",
+        description="Which correct traces of a problem to keep: all, the first by sample index, the "
+        "shortest by completion tokens, or a mix of shortest and longest; others count as `not_selected`.",
     )
     max_per_problem: int | None = Field(
         None,
         ge=1,
         description="Keep at most this many selected traces per problem (the first k for `all_correct`, "
-        "the k shortest for `shortest_correct`).",
+        "the k shortest for `shortest_correct`); `length_mix` needs it.",
+    )
+    longest_share: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="`length_mix`: the share of the `max_per_problem` kept traces taken from the longest "
+        "correct ones (rounded); the rest are the shortest. Small students learn better from mixed lengths.",
     )
     pass_rate: tuple[float, float] | None = Field(
         None,
@@ -201,6 +208,12 @@ class Filter(Section):
 
     _names_as_sources = field_validator("decontaminate", mode="before")(lambda value: as_sources(value))
     _unweighted = field_validator("decontaminate")(lambda value: unweighted_sources(value, "decontaminate"))
+
+    @model_validator(mode="after")
+    def _length_mix_needs_cap(self) -> Filter:
+        if self.selection == "length_mix" and self.max_per_problem is None:
+            raise ValueError("selection `length_mix` needs max_per_problem: the shares are of that many traces")
+        return self
 
     @field_validator("pass_rate")
     @classmethod

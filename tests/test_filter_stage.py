@@ -92,6 +92,11 @@ def assert_adds_up(manifest: Manifest, out: Path) -> dict:
     assert len(rows_of(out / "rejected.jsonl")) == funnel["in"] - funnel["out"]
     for step in funnel["steps"]:
         assert step["seen"] == step["kept"] + step["dropped"] == step["kept"] + sum(step["reasons"].values())
+    kept, every = rows_of(out / "kept.jsonl"), rows_of(out / "kept.jsonl") + rows_of(out / "rejected.jsonl")
+    got = funnel["yield"]
+    assert got == manifest.extra["yield"]
+    assert (got["problems"], got["problems_kept"]) == (len({r["id"] for r in every}), len({r["id"] for r in kept}))
+    assert got["teacher_tokens"] == sum(int(r.get("completion_tokens") or 0) for r in every)
     return funnel
 
 
@@ -218,11 +223,33 @@ def test_filter_stage_selection_and_pass_rate(tmp_path: Path) -> None:
         "cap": ({"max_per_problem": 2}, {("p", 1), ("p", 2), ("q", 0), ("q", 1)}),
         "short2": ({"selection": "shortest_correct", "max_per_problem": 2}, {("p", 2), ("p", 1), ("q", 0), ("q", 1)}),
         "band": ({"pass_rate": [0.25, 0.8]}, {("p", 1), ("p", 2), ("p", 3)}),
+        # one shortest + one longest; on q's equal lengths the longest pick is the reverse tie order
+        "mix": ({"selection": "length_mix", "max_per_problem": 2}, {("p", 2), ("p", 3), ("q", 0), ("q", 3)}),
+        "mix3": (
+            {"selection": "length_mix", "max_per_problem": 3, "longest_share": 0.34},
+            {("p", 1), ("p", 2), ("p", 3), ("q", 0), ("q", 1), ("q", 3)},
+        ),
+        "long": (
+            {"selection": "length_mix", "max_per_problem": 1, "longest_share": 1.0},
+            {("p", 3), ("q", 3)},
+        ),
     }
     for label, (section, expected) in cases.items():
         manifest, out = run_filter(tmp_path / label, rows, **section)
         assert_adds_up(manifest, out)
         assert {(r["problem"], r["sample"]) for r in rows_of(out / "kept.jsonl")} == expected, label
+    # the band drops q: half the problems covered, all 140 teacher tokens paid for 3 kept traces
+    band = json.loads((tmp_path / "band" / "runs" / "t" / "filter" / "funnel.json").read_text())["yield"]
+    assert band == {
+        "problems": 2,
+        "problems_kept": 1,
+        "coverage": 0.5,
+        "teacher_tokens": 140,
+        "teacher_tokens_per_kept": 46.7,
+    }
+    assert (
+        "Coverage 1 of 2 problems (50.0%)" in (tmp_path / "band" / "runs" / "t" / "filter" / "funnel.md").read_text()
+    )
 
 
 def test_filter_stage_rejects_malformed_trace(tmp_path: Path) -> None:

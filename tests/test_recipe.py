@@ -196,3 +196,10 @@ def test_recipe_fingerprints_ignore_fields_left_at_their_default():
     assert pipeline.section_hash(changed, pipeline.STAGES["filter"], options) != pipeline.section_hash(
         plain, pipeline.STAGES["filter"], options
     )
+
+
+def test_recipe_length_mix_needs_max_per_problem(tmp_path):
+    lines = error_lines(write(tmp_path, {**BASE, "filter": {"selection": "length_mix"}}))
+    assert any("filter" in line and "length_mix` needs max_per_problem" in line for line in lines), lines
+    bad_share = {**BASE, "filter": {"selection": "length_mix", "max_per_problem": 2, "longest_share": 1.5}}
+    assert any("filter.longest_share" in line for line in error_lines(write(tmp_path, bad_share)))

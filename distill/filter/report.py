@@ -17,6 +17,9 @@ class Breakdown:
     """Traces in, kept and dropped (by reason) per data source, so a mixture's domains can be read apart."""
 
     rows: dict[str, dict[str, Any]] = field(default_factory=dict)
+    problems: set[str] = field(default_factory=set)  # ids seen, for coverage
+    covered: set[str] = field(default_factory=set)  # ids with at least one kept trace
+    teacher_tokens: int = 0  # completion tokens of every trace in, kept or not: what the teacher was paid for
 
     def _row(self, record: dict[str, Any]) -> dict[str, Any]:
         return self.rows.setdefault(
@@ -25,9 +28,23 @@ class Breakdown:
 
     def seen(self, record: dict[str, Any]) -> None:
         self._row(record)["in"] += 1
+        self.problems.add(record["id"])
+        self.teacher_tokens += int(record.get("completion_tokens") or 0)
 
     def kept(self, record: dict[str, Any]) -> None:
         self._row(record)["kept"] += 1
+        self.covered.add(record["id"])
+
+    def yield_(self, n_out: int) -> dict[str, Any]:
+        """Coverage (share of problems with a kept trace) and teacher tokens per kept trace: what sampling bought."""
+        problems = len(self.problems)
+        return {
+            "problems": problems,
+            "problems_kept": len(self.covered),
+            "coverage": round(len(self.covered) / problems, 4) if problems else 0.0,
+            "teacher_tokens": self.teacher_tokens,
+            "teacher_tokens_per_kept": round(self.teacher_tokens / n_out, 1) if n_out else None,
+        }
 
     def dropped(self, record: dict[str, Any], reason: str) -> None:
         self._row(record)["dropped"][reason] += 1
@@ -98,6 +115,14 @@ def length_warning(funnel: dict[str, Any], *, max_share: float | None) -> str | 
 
 def funnel_markdown(funnel: dict[str, Any]) -> str:
     header = [f"# Filter funnel: {funnel['in']} traces in, {funnel['out']} kept", ""]
+    if got := funnel.get("yield"):
+        per_kept = got["teacher_tokens_per_kept"]
+        header += [
+            f"Coverage {got['problems_kept']:,} of {got['problems']:,} problems ({got['coverage']:.1%}) have a kept "
+            f"trace; teacher completion tokens {got['teacher_tokens']:,}, "
+            + (f"{per_kept:,.1f} per kept trace." if per_kept is not None else "no trace kept."),
+            "",
+        ]
     for warning in funnel.get("warnings", []):
         header += [f"> **Warning:** {warning}", ""]
     if sandbox := funnel.get("sandbox"):

@@ -16,27 +16,31 @@ from distill.filter.steps import Step
 class ProblemStats:
     """Samples and correct samples per problem, and the k best candidate keys per problem for a selection rule."""
 
-    def __init__(self, *, rule: str, k: int | None) -> None:
+    def __init__(self, *, rule: str, k: int | None, longest_share: float = 0.0) -> None:
         self.rule, self.k = rule, k
         self.samples: dict[str, list[int]] = {}  # pid -> [samples judged, correct]
         self.best: dict[str, list[tuple[Any, ...]]] = {}  # pid -> heap of (negated key, seq), the k best candidates
+        # length_mix: the longest `n_long` in a second heap, the shortest `k - n_long` in `best`, and the number
+        # of candidates, since a problem with at most k correct traces keeps them all.
+        self.n_long = round((k or 0) * longest_share) if rule == "length_mix" else 0
+        self.longest: dict[str, list[tuple[Any, ...]]] = {}
+        self.candidates: dict[str, int] = {}
 
     def observe(self, record: dict[str, Any], *, seq: int, correct: bool | None, candidate: bool) -> None:
         counts = self.samples.setdefault(record["id"], [0, 0])
         counts[0] += 1
         counts[1] += bool(correct)
-        if candidate and (self.rule != "all_correct" or self.k is not None):
-            key = self._key(record, seq)
-            heap = self.best.setdefault(record["id"], [])
-            entry = (tuple(-x for x in key), seq)
-            limit = 1 if self.rule == "first_correct" else (self.k or 1)
-            if len(heap) < limit:
-                heapq.heappush(heap, entry)
-            elif entry > heap[0]:
-                heapq.heapreplace(heap, entry)
+        if not candidate or (self.rule == "all_correct" and self.k is None):
+            return
+        pid, key = record["id"], self._key(record, seq)
+        self.candidates[pid] = self.candidates.get(pid, 0) + 1
+        limit = 1 if self.rule == "first_correct" else (self.k or 1) - self.n_long
+        _keep_best(self.best.setdefault(pid, []), (tuple(-x for x in key), seq), limit)
+        if self.n_long:  # the exact reverse order, so the two picks never overlap once there are more than k
+            _keep_best(self.longest.setdefault(pid, []), (key, seq), self.n_long)
 
     def _key(self, record: dict[str, Any], seq: int) -> tuple[int, ...]:
-        if self.rule == "shortest_correct":
+        if self.rule in ("shortest_correct", "length_mix"):
             return (int(record.get("completion_tokens") or 0), int(record.get("sample") or 0), seq)
         return (int(record.get("sample") or 0), seq)
 
@@ -47,7 +51,17 @@ class ProblemStats:
     def selected(self, pid: str, seq: int) -> bool:
         if self.rule == "all_correct" and self.k is None:
             return True
-        return any(s == seq for _, s in self.best.get(pid, ()))
+        if self.rule == "length_mix" and self.candidates.get(pid, 0) <= (self.k or 0):
+            return True  # too few to split: the shortest and longest picks would overlap
+        return any(s == seq for heap in (self.best, self.longest) for _, s in heap.get(pid, ()))
+
+
+def _keep_best(heap: list[tuple[Any, ...]], entry: tuple[Any, ...], limit: int) -> None:
+    """Keep the `limit` largest entries in a min-heap."""
+    if len(heap) < limit:
+        heapq.heappush(heap, entry)
+    elif limit and entry > heap[0]:
+        heapq.heapreplace(heap, entry)
 
 
 class PassRateBand(Step):
@@ -66,8 +80,9 @@ class PassRateBand(Step):
 
 
 class Selection(Step):
-    """all_correct | first_correct (lowest sample index) | shortest_correct (fewest completion tokens), capped at
-    `max_per_problem`. Ties go to the lower sample index, then to the earlier trace in the input."""
+    """all_correct | first_correct (lowest sample index) | shortest_correct (fewest completion tokens) | length_mix
+    (`longest_share` of the k from the longest, the rest from the shortest), capped at `max_per_problem`. Ties go to
+    the lower sample index, then to the earlier trace in the input (the longest picks: the reverse)."""
 
     name, reasons = "selection", ("not_selected",)
 

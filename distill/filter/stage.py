@@ -81,7 +81,7 @@ class FilterPlan:
     @classmethod
     def from_recipe(cls, recipe: Recipe) -> FilterPlan:
         config = recipe.filter
-        stats = ProblemStats(rule=config.selection, k=config.max_per_problem)
+        stats = ProblemStats(rule=config.selection, k=config.max_per_problem, longest_share=config.longest_share)
         problem = problem_steps(config)
         # No student only without `max_tokens` (a schema rule), so the empty name is never loaded.
         trace = trace_steps(config, student_model=recipe.student.model if recipe.student else "")
@@ -121,6 +121,7 @@ def run(recipe: Recipe, *, ctx: StageContext) -> StageReport:
         candidates.unlink(missing_ok=True)
     n_in = extra.pop("in")
     summary = {**plan.funnel.to_dict(n_in=n_in, n_out=n_out), **plan.breakdown.to_dict()}
+    summary["yield"] = extra["yield"] = plan.breakdown.yield_(n_out)
     if sum(summary["dropped"].values()) + n_out != n_in:
         raise DistillError(f"filter funnel does not add up: {n_in} in, {n_out} kept, {summary['dropped']} dropped")
     if warning := report.length_warning(summary, max_share=config.warn_too_long_share):
