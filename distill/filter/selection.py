@@ -20,11 +20,10 @@ class ProblemStats:
         self.rule, self.k = rule, k
         self.samples: dict[str, list[int]] = {}  # pid -> [samples judged, correct]
         self.best: dict[str, list[tuple[Any, ...]]] = {}  # pid -> heap of (negated key, seq), the k best candidates
-        # length_mix: the longest `n_long` in a second heap, the shortest `k - n_long` in `best`, and the number
-        # of candidates, since a problem with at most k correct traces keeps them all.
+        # length_mix: the longest `n_long` in a second heap, the shortest `k - n_long` in `best`. The two heaps
+        # hold opposite ends of one order, so a problem with at most k candidates has every one in one of them.
         self.n_long = round((k or 0) * longest_share) if rule == "length_mix" else 0
         self.longest: dict[str, list[tuple[Any, ...]]] = {}
-        self.candidates: dict[str, int] = {}
 
     def observe(self, record: dict[str, Any], *, seq: int, correct: bool | None, candidate: bool) -> None:
         counts = self.samples.setdefault(record["id"], [0, 0])
@@ -33,7 +32,6 @@ class ProblemStats:
         if not candidate or (self.rule == "all_correct" and self.k is None):
             return
         pid, key = record["id"], self._key(record, seq)
-        self.candidates[pid] = self.candidates.get(pid, 0) + 1
         limit = 1 if self.rule == "first_correct" else (self.k or 1) - self.n_long
         _keep_best(self.best.setdefault(pid, []), (tuple(-x for x in key), seq), limit)
         if self.n_long:  # the exact reverse order, so the two picks never overlap once there are more than k
@@ -51,8 +49,6 @@ class ProblemStats:
     def selected(self, pid: str, seq: int) -> bool:
         if self.rule == "all_correct" and self.k is None:
             return True
-        if self.rule == "length_mix" and self.candidates.get(pid, 0) <= (self.k or 0):
-            return True  # too few to split: the shortest and longest picks would overlap
         return any(s == seq for heap in (self.best, self.longest) for _, s in heap.get(pid, ()))
 
 
